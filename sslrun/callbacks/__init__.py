@@ -1,0 +1,7 @@
+"""Callbacks: online evaluation, throughput, atomic checkpoint files."""
+
+from sslrun.callbacks.checkpoint_io import AtomicCheckpointIO
+from sslrun.callbacks.online_eval import OnlineEvaluation
+from sslrun.callbacks.throughput import Throughput
+
+__all__ = ["AtomicCheckpointIO", "OnlineEvaluation", "Throughput"]

@@ -1,0 +1,435 @@
+"""Typed schema of the composed config, and its validation.
+
+Hydra composes `conf/` into one config. `validate` merges each group into the dataclass that
+types it, so a misspelled key, a wrong type, a missing value or an inconsistent combination fails
+before anything heavy starts, with one line that names the key and what is valid. The values
+themselves live only in the YAML files: these classes carry types, never defaults.
+
+This module imports nothing heavier than omegaconf, so that errors come back in a second.
+"""
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional, get_args
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config problem, stated in one line that names the key and the fix."""
+
+
+# ---------------------------------------------------------------------------- method
+@dataclass
+class MLPSpec:
+    """Projector / predictor MLP (models.heads.MLPHead); hidden_dim None: the input's width."""
+
+    num_layers: int = MISSING
+    hidden_dim: Optional[int] = MISSING
+    out_dim: int = MISSING
+    batch_norm: bool = MISSING
+    last_batch_norm: bool = MISSING
+
+
+@dataclass
+class SimCLRConfig:
+    name: str = MISSING
+    temperature: float = MISSING
+    projector: MLPSpec = field(default_factory=MLPSpec)
+
+
+METHODS: Dict[str, type] = {"simclr": SimCLRConfig}
+
+
+# ---------------------------------------------------------------------------- backbone
+@dataclass
+class BackboneConfig:
+    name: str = MISSING
+    small_stem: bool = MISSING
+    drop_path_rate: float = MISSING
+    timm_kwargs: Dict[str, Any] = MISSING
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: Optional[str] = MISSING
+    download: bool = MISSING
+    image_size: int = MISSING
+    channels: int = MISSING
+    mean: List[float] = MISSING
+    std: List[float] = MISSING
+    eval_crop_fraction: float = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    num_workers: Optional[int] = MISSING
+    pin_memory: Optional[bool] = MISSING
+    persistent_workers: bool = MISSING
+
+
+@dataclass
+class ImageFolderConfig(DataConfig):
+    train_dir: str = MISSING
+    val_dir: Optional[str] = MISSING
+
+
+@dataclass
+class STL10Config(DataConfig):
+    train_split: str = MISSING
+
+
+DATASETS: Dict[str, type] = {
+    "fashion_mnist": DataConfig,
+    "mnist5k": DataConfig,
+    "imagefolder": ImageFolderConfig,
+    "cifar10": DataConfig,
+    "cifar100": DataConfig,
+    "stl10": STL10Config,
+}
+
+
+# ---------------------------------------------------------------------------- augmentation
+@dataclass
+class ColorJitterSpec:
+    p: float = MISSING
+    brightness: float = MISSING
+    contrast: float = MISSING
+    saturation: float = MISSING
+    hue: float = MISSING
+
+
+@dataclass
+class CropSpec:
+    """`count` crops made with the same settings (multi-crop lists several specs)."""
+
+    count: int = MISSING
+    size: int = MISSING
+    scale: List[float] = MISSING
+    ratio: List[float] = MISSING
+    flip_p: float = MISSING
+    color_jitter: ColorJitterSpec = field(default_factory=ColorJitterSpec)
+    grayscale_p: float = MISSING
+    blur_p: float = MISSING
+    blur_sigma: List[float] = MISSING
+    solarize_p: float = MISSING
+
+
+@dataclass
+class AugmentationConfig:
+    views: List[CropSpec] = MISSING
+
+
+# ---------------------------------------------------------------------------- optimizer
+@dataclass
+class OptimizerBase:
+    name: str = MISSING
+    base_lr: float = MISSING
+    lr_scaling: str = MISSING
+    weight_decay: float = MISSING
+    exclude_bias_and_norm: bool = MISSING
+    probe_lr: float = MISSING
+
+
+@dataclass
+class SGDConfig(OptimizerBase):
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+
+
+@dataclass
+class LARSConfig(OptimizerBase):
+    momentum: float = MISSING
+    trust_coefficient: float = MISSING
+
+
+@dataclass
+class AdamWConfig(OptimizerBase):
+    betas: List[float] = MISSING
+    eps: float = MISSING
+
+
+OPTIMIZERS: Dict[str, type] = {"sgd": SGDConfig, "lars": LARSConfig, "adamw": AdamWConfig}
+LR_SCALINGS = ("linear", "sqrt", "none")
+
+
+# ---------------------------------------------------------------------------- scheduler
+@dataclass
+class WarmupCosineConfig:
+    name: str = MISSING
+    warmup_epochs: float = MISSING
+    final_lr_ratio: float = MISSING
+
+
+SCHEDULERS: Dict[str, type] = {"warmup_cosine": WarmupCosineConfig}
+
+
+# ---------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerConfig:
+    name: str = MISSING
+    accelerator: str = MISSING
+    devices: int = MISSING
+    num_nodes: int = MISSING
+    precision: str = MISSING
+    max_epochs: int = MISSING
+    max_steps: int = MISSING
+    gradient_clip_val: Optional[float] = MISSING
+    accumulate_grad_batches: int = MISSING
+    sync_batchnorm: bool = MISSING
+    log_every_n_steps: int = MISSING
+    checkpoint_every_n_steps: int = MISSING
+    keep_checkpoints: int = MISSING
+    progress_bar: bool = MISSING
+
+
+TRAINERS: Dict[str, type] = {"single": TrainerConfig, "ddp": TrainerConfig}
+ACCELERATORS = ("auto", "cpu", "gpu")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+# ---------------------------------------------------------------------------- logger
+@dataclass
+class LoggerBase:
+    name: str = MISSING
+
+
+@dataclass
+class WandbConfig(LoggerBase):
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    offline: Optional[bool] = MISSING
+    tags: List[str] = MISSING
+
+
+LOGGERS: Dict[str, type] = {"csv": LoggerBase, "tensorboard": LoggerBase, "wandb": WandbConfig}
+
+
+# ---------------------------------------------------------------------------- top level
+@dataclass
+class KNNConfig:
+    k: int = MISSING
+    temperature: float = MISSING
+    bank_size: Optional[int] = MISSING
+    query_size: Optional[int] = MISSING
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = MISSING
+    every_n_epochs: int = MISSING
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    linear_probe: bool = MISSING
+
+
+@dataclass
+class RootConfig:
+    seed: int = MISSING
+    resume: Optional[str] = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method: Any = MISSING
+    backbone: Any = MISSING
+    data: Any = MISSING
+    augmentation: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = MISSING
+
+
+# Group -> {option name: schema}; a group whose options share one schema maps None to it.
+GROUP_SCHEMAS: Dict[str, Dict[Optional[str], type]] = {
+    "method": METHODS,
+    "backbone": {None: BackboneConfig},
+    "data": DATASETS,
+    "augmentation": {None: AugmentationConfig},
+    "optimizer": OPTIMIZERS,
+    "scheduler": SCHEDULERS,
+    "trainer": TRAINERS,
+    "logger": LOGGERS,
+}
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Return `cfg` merged into its typed schema, or raise ConfigError on the first problem."""
+    cfg = cfg.copy()
+    with _open(cfg):
+        cfg.pop("hydra", None)
+    typed = _merge(RootConfig, cfg, prefix="", label="the top level")
+    for group, options in GROUP_SCHEMAS.items():
+        node = cfg[group]
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"{group}: expected a config group, got {node!r}")
+        if None in options:
+            schema = options[None]
+        else:
+            name = node.get("name")
+            if name not in options:
+                raise ConfigError(
+                    f"{group}.name: unknown {group} {name!r}; choose one of: {', '.join(options)}"
+                )
+            schema = options[name]
+        label = group if None in options else f"{group} ({node.name})"
+        with _open(typed):
+            typed[group] = _merge(schema, node, prefix=f"{group}.", label=label)
+    _check_missing(typed)
+    _check_values(typed)
+    return typed
+
+
+def world_size(cfg: DictConfig) -> int:
+    return cfg.trainer.devices * cfg.trainer.num_nodes
+
+
+def global_batch_size(cfg: DictConfig) -> int:
+    """Images per optimizer step over all processes: the batch the papers' lr rules refer to."""
+    return cfg.data.batch_size * cfg.trainer.accumulate_grad_batches
+
+
+def scaled_lr(cfg: DictConfig) -> float:
+    """The papers' lr rule: base_lr * batch / 256 (linear) or base_lr * sqrt(batch) (sqrt)."""
+    batch = global_batch_size(cfg)
+    scaling = cfg.optimizer.lr_scaling
+    factor = {"linear": batch / 256, "sqrt": batch**0.5, "none": 1.0}[scaling]
+    return cfg.optimizer.base_lr * factor
+
+
+# ---------------------------------------------------------------------------- internals
+class _open:
+    """Temporarily lift struct/readonly flags so validation can rebuild nodes."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def __enter__(self):
+        self.struct = OmegaConf.is_struct(self.cfg)
+        OmegaConf.set_struct(self.cfg, False)
+
+    def __exit__(self, *exc):
+        OmegaConf.set_struct(self.cfg, self.struct)
+
+
+def _field_names(schema: type) -> List[str]:
+    return [f.name for f in fields(schema)]
+
+
+def _schema_at(schema: type, path: List[str]) -> Optional[type]:
+    """The dataclass typing `path` below `schema`, looking through List[...] (None if none)."""
+    for step in path:
+        match = {f.name: f for f in fields(schema)}.get(step)
+        if match is None:
+            return None
+        candidates = [match.type, *get_args(match.type)]
+        schema = next((c for c in candidates if is_dataclass(c)), None)
+        if schema is None:
+            return None
+    return schema
+
+
+def _merge(schema: type, node: DictConfig, prefix: str, label: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), node)
+    except ConfigKeyError as e:
+        path = str(e.full_key).split(".") if e.full_key else [str(e.key)]
+        key = path[-1]
+        parent = _schema_at(schema, [p for p in path[:-1] if not p.isdigit()])
+        valid = _field_names(parent) if parent else []
+        hint = difflib.get_close_matches(key, valid, n=1)
+        did_you_mean = f"did you mean '{hint[0]}'? " if hint else ""
+        owner = ".".join([label, *path[:-1]]) if path[:-1] else label
+        raise ConfigError(
+            f"{prefix}{'.'.join(path)}: unknown key; {did_you_mean}valid keys in {owner}: "
+            f"{', '.join(valid)}"
+        ) from None
+    except ValidationError as e:
+        raise ConfigError(f"{prefix}{e.full_key}: {_first_line(e.msg)}") from None
+
+
+def _first_line(message: str) -> str:
+    return str(message).strip().splitlines()[0]
+
+
+def _check_missing(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        raise ConfigError(f"{key}: no value given; set it on the command line, e.g. {key}=...")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_values(cfg: DictConfig) -> None:
+    try:
+        OmegaConf.resolve(cfg)
+    except (MissingMandatoryValue, ValidationError) as e:
+        raise ConfigError(f"{e.full_key}: {_first_line(e.msg)}") from None
+    t, d, o = cfg.trainer, cfg.data, cfg.optimizer
+
+    _require(t.accelerator in ACCELERATORS,
+             f"trainer.accelerator={t.accelerator}: choose one of: {', '.join(ACCELERATORS)}")
+    _require(t.precision in PRECISIONS,
+             f"trainer.precision={t.precision}: choose one of: {', '.join(PRECISIONS)}")
+    _require(t.devices >= 1, f"trainer.devices={t.devices}: must be at least 1")
+    _require(t.num_nodes >= 1, f"trainer.num_nodes={t.num_nodes}: must be at least 1")
+    _require(t.name != "single" or world_size(cfg) == 1,
+             f"trainer.devices={t.devices} with trainer=single: one process only; "
+             f"use trainer=ddp for several devices")
+    _require(t.max_epochs >= 1 or t.max_steps >= 1,
+             "trainer.max_epochs / trainer.max_steps: set one of them to a positive number")
+    _require(t.accumulate_grad_batches >= 1,
+             f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}: must be at least 1")
+    _require(t.checkpoint_every_n_steps >= 1,
+             f"trainer.checkpoint_every_n_steps={t.checkpoint_every_n_steps}: must be at least 1")
+
+    world = world_size(cfg)
+    _require(d.batch_size >= 2 * world,
+             f"data.batch_size={d.batch_size}: needs at least 2 images per process "
+             f"({world} processes)")
+    if d.batch_size % world:
+        lower = d.batch_size - d.batch_size % world
+        raise ConfigError(
+            f"data.batch_size={d.batch_size}: the global batch must divide by the {world} "
+            f"processes (trainer.devices={t.devices} x trainer.num_nodes={t.num_nodes}); "
+            f"use e.g. data.batch_size={lower} or {lower + world}"
+        )
+    _require(d.eval_batch_size >= 1, f"data.eval_batch_size={d.eval_batch_size}: must be >= 1")
+    _require(len(d.mean) == d.channels and len(d.std) == d.channels,
+             f"data.mean / data.std: need {d.channels} values (data.channels={d.channels})")
+    _require(0 < d.eval_crop_fraction <= 1,
+             f"data.eval_crop_fraction={d.eval_crop_fraction}: must be in (0, 1]")
+    _require(d.num_workers is None or d.num_workers >= 0,
+             f"data.num_workers={d.num_workers}: must be >= 0 (or null for automatic)")
+
+    _require(o.lr_scaling in LR_SCALINGS,
+             f"optimizer.lr_scaling={o.lr_scaling}: choose one of: {', '.join(LR_SCALINGS)}")
+    _require(o.base_lr > 0, f"optimizer.base_lr={o.base_lr}: must be positive")
+
+    for i, view in enumerate(cfg.augmentation.views):
+        key = f"augmentation.views.{i}"
+        _require(view.count >= 1, f"{key}.count={view.count}: must be at least 1")
+        _require(view.size >= 1, f"{key}.size={view.size}: must be at least 1")
+        for name in ("scale", "ratio", "blur_sigma"):
+            pair = view[name]
+            _require(len(pair) == 2 and 0 < pair[0] <= pair[1],
+                     f"{key}.{name}={list(pair)}: need [low, high] with 0 < low <= high")
+        _require(view.scale[1] <= 1, f"{key}.scale={list(view.scale)}: high must be <= 1")
+        probabilities = {"flip_p": view.flip_p, "grayscale_p": view.grayscale_p,
+                         "blur_p": view.blur_p, "solarize_p": view.solarize_p,
+                         "color_jitter.p": view.color_jitter.p}
+        for name, p in probabilities.items():
+            _require(0 <= p <= 1, f"{key}.{name}={p}: a probability must be in [0, 1]")
+
+    knn = cfg.eval.knn
+    _require(knn.k >= 1, f"eval.knn.k={knn.k}: must be at least 1")
+    _require(knn.temperature > 0, f"eval.knn.temperature={knn.temperature}: must be positive")
+    _require(cfg.eval.every_n_epochs >= 0,
+             f"eval.every_n_epochs={cfg.eval.every_n_epochs}: must be >= 0 (0: only at the end)")
+    if cfg.resume not in (None, "auto"):
+        _require(os.path.isfile(cfg.resume),
+                 f"resume={cfg.resume}: no such checkpoint file (use resume=auto or resume=null)")
+

@@ -1,0 +1,1 @@
+"""Datasets, per-image crops, batched photometric augmentation and the DataModule."""

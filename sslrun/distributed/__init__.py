@@ -1,0 +1,8 @@
+"""Distributed building blocks kept apart from models and losses: gathers and global BN."""
+
+from sslrun.distributed.gather import all_gather_with_grad, gather_rows, rank, world_size
+from sslrun.distributed.global_bn import GlobalBatchNorm, convert_to_global_bn
+
+__all__ = [
+    "all_gather_with_grad", "gather_rows", "rank", "world_size", "GlobalBatchNorm", "convert_to_global_bn",
+]

@@ -1,0 +1,64 @@
+"""All-gather that carries gradients, and a gather of unequal row counts for evaluation."""
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: concatenate every process's [B, ...] tensor into [W * B, ...].
+
+    Backward: each process's loss depends on all gathered rows, so the gradient of the local rows
+    is the SUM over processes of the gradients they computed for those rows: all-reduce(sum), then
+    keep the local slice. (Keeping only the local process's own gradient, or averaging instead of
+    summing, is the classic silent bug that scales gradients by 1/W.)
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows, ctx.rank = tensor.shape[0], dist.get_rank()
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """[B, ...] on each of W processes -> [W * B, ...] in rank order, differentiable.
+
+    Every process must pass the same B (the global batch divides evenly by construction)."""
+    if not is_distributed():
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)
+
+
+@torch.no_grad()
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate row shards of possibly different lengths from all processes, in rank order."""
+    if not is_distributed():
+        return tensor
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    longest = int(max(c.item() for c in counts))
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)])

@@ -1,0 +1,87 @@
+"""What every method shares: backbone, online linear probe, optimizer, schedules and logging.
+
+A method subclasses SSLMethod and implements `training_loss(batch) -> StepOutput`; everything
+else (parameter groups, the per-step learning rate, the probe, loss bookkeeping) lives here.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from sslrun.optim import WarmupCosine, build_optimizer, parameter_groups
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    features: torch.Tensor  # backbone features of the first view, for the online probe
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SSLMethod(L.LightningModule):
+    num_views: Optional[int] = None  # views a method needs (None: any number)
+
+    def __init__(self, backbone: nn.Module, optimizer_cfg, lr_schedule: WarmupCosine,
+                 num_classes: Optional[int], config: Optional[dict] = None):
+        super().__init__()
+        self.save_hyperparameters({"config": config or {}})
+        self.backbone = backbone
+        self.optimizer_cfg = optimizer_cfg
+        self.lr_schedule = lr_schedule
+        self.probe = nn.Linear(backbone.num_features, num_classes) if num_classes else None
+        self.epoch_loss = MeanMetric()
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone feature every evaluator uses."""
+        return self.backbone(images)
+
+    def training_loss(self, batch: dict) -> StepOutput:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.training_loss(batch)
+        loss = out.loss
+        self.epoch_loss.update(loss.detach())
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        for name, value in out.metrics.items():
+            self.log(f"train/{name}", value)
+        if self.probe is not None:
+            loss = loss + self._probe_loss(out.features.detach(), batch["label"])
+        return loss
+
+    def _probe_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the online linear probe; images with unknown labels (-1) are skipped.
+
+        The probe sees detached features, so it never shapes the representation."""
+        logits = self.probe(features.float())
+        known = labels >= 0
+        if not known.any():
+            return logits.sum() * 0.0  # keeps the probe in the graph for DDP's gradient sync
+        loss = F.cross_entropy(logits[known], labels[known])
+        accuracy = (logits[known].argmax(1) == labels[known]).float().mean()
+        self.log("train/probe_loss", loss.detach())
+        self.log("train/probe_top1", accuracy)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_loss.reset()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        lr = self.lr_schedule(self.global_step)
+        for group in self.optimizers().param_groups:
+            if not group.get("fixed_lr", False):
+                group["lr"] = lr
+        self.log("lr", lr, prog_bar=True)
+
+    def configure_optimizers(self):
+        named = [(n, p) for n, p in self.named_parameters() if not n.startswith("probe.")]
+        groups = parameter_groups(named, self.optimizer_cfg.weight_decay, self.optimizer_cfg.exclude_bias_and_norm)
+        if self.probe is not None:
+            groups.append({"params": list(self.probe.parameters()), "lr": self.optimizer_cfg.probe_lr,
+                           "weight_decay": 0.0, "lars_adapt": False, "fixed_lr": True})
+        return build_optimizer(self.optimizer_cfg, groups, self.lr_schedule(0))

@@ -1,0 +1,1 @@
+"""Backbones (timm) and heads. No losses, no Lightning."""

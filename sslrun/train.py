@@ -1,0 +1,269 @@
+"""One training run: build every piece from the validated config, train, write summary.json.
+
+This and `__main__` are the only modules that read the whole config; everything below them gets
+the part it needs.
+"""
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import DictConfig, OmegaConf
+
+from sslrun import config as config_lib
+from sslrun.callbacks import AtomicCheckpointIO, OnlineEvaluation, Throughput
+from sslrun.config import ConfigError
+from sslrun.data.datamodule import SSLDataModule
+from sslrun.distributed import convert_to_global_bn
+from sslrun.methods import METHODS
+from sslrun.models.backbones import build_backbone
+from sslrun.optim import WarmupCosine
+
+log = logging.getLogger("sslrun")
+
+
+def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Callback] = ()) -> dict:
+    """Train as `cfg` says (already validated) and return the summary (also in summary.json).
+
+    run_dir defaults to Hydra's output directory; `callbacks` are added to the trainer's own."""
+    started = time.time()
+    _tidy_lightning_output()
+    run_dir = Path(run_dir or _hydra_run_dir()).absolute()
+    world = config_lib.world_size(cfg)
+    method_cls = METHODS[cfg.method.name]
+    views = sum(view.count for view in cfg.augmentation.views)
+    if method_cls.num_views is not None and views != method_cls.num_views:
+        raise ConfigError(
+            f"augmentation: method={cfg.method.name} takes {method_cls.num_views} views, the recipe "
+            f"makes {views} (sum of augmentation.views[*].count)"
+        )
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = SSLDataModule(cfg.data, cfg.augmentation.views, cfg.eval, processes=world,
+                               processes_per_node=cfg.trainer.devices, seed=cfg.seed)
+    splits = datamodule.load()
+    schedule, steps_per_epoch = lr_schedule(cfg, len(splits.train))
+    evaluate = cfg.eval.enabled and splits.heldout is not None
+    backbone = build_backbone(cfg.backbone, in_chans=cfg.data.channels)
+    method = method_cls(
+        cfg.method,
+        backbone=backbone,
+        optimizer_cfg=cfg.optimizer,
+        lr_schedule=schedule,
+        num_classes=splits.num_classes if evaluate and cfg.eval.linear_probe else None,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    if cfg.trainer.sync_batchnorm and world > 1:
+        convert_to_global_bn(method)
+
+    evaluation = (
+        OnlineEvaluation(datamodule, cfg.eval.knn, cfg.eval.every_n_epochs, splits.num_classes)
+        if evaluate else None
+    )
+    throughput = Throughput(cfg.data.batch_size)
+    checkpoint_dir = run_dir / "checkpoints"
+    checkpoints = ModelCheckpoint(
+        dirpath=checkpoint_dir,
+        filename="step={step}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+        monitor="step",
+        mode="max",
+        save_top_k=cfg.trainer.keep_checkpoints,
+        save_last=True,
+    )
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=_strategy(cfg),
+        precision=cfg.trainer.precision,
+        max_epochs=cfg.trainer.max_epochs if cfg.trainer.max_steps <= 0 else -1,
+        max_steps=cfg.trainer.max_steps,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        logger=_logger(cfg, run_dir),
+        callbacks=[c for c in (evaluation, throughput, checkpoints, *callbacks) if c is not None],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+    if trainer.is_global_zero:
+        log.info(
+            "run dir %s | %s on %s | global batch %d = %d per process x %d processes x %d accumulation "
+            "| lr = %s | %d steps per epoch, %d steps",
+            run_dir, cfg.method.name, cfg.data.name, config_lib.global_batch_size(cfg),
+            datamodule.per_process_batch, world, cfg.trainer.accumulate_grad_batches,
+            _lr_rule(cfg), steps_per_epoch, schedule.total_steps,
+        )
+    trainer.fit(method, datamodule=datamodule, ckpt_path=_resume_path(cfg.resume, checkpoint_dir))
+    # The final state, final evaluation included (ModelCheckpoint saves only on its step grid).
+    trainer.save_checkpoint(str(checkpoint_dir / "last.ckpt"))
+
+    summary = _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoints, started)
+    if trainer.is_global_zero:
+        path = run_dir / "summary.json"
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("summary: %s", path)
+    return summary
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _tidy_lightning_output() -> None:
+    """One copy of each Lightning message (its own console handler duplicates the root's), no
+    advertisements, no deprecation noise from Lightning's internals."""
+    lightning_logger = logging.getLogger("lightning")
+    if logging.getLogger().hasHandlers():
+        lightning_logger.handlers.clear()
+    for handler in [*lightning_logger.handlers, *logging.getLogger().handlers]:
+        if not any(isinstance(f, _DropTips) for f in handler.filters):
+            handler.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def _hydra_run_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir
+
+
+def lr_schedule(cfg: DictConfig, train_size: int):
+    """The per-step learning rate, sized from the data set, batch and training length."""
+    world = config_lib.world_size(cfg)
+    per_process = cfg.data.batch_size // world
+    batches = math.ceil(train_size / world) // per_process  # DistributedSampler pads, loader drops last
+    steps_per_epoch = batches // cfg.trainer.accumulate_grad_batches
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size}: larger than the training split ({train_size} "
+            f"images) allows for one full step; lower it"
+        )
+    total = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else cfg.trainer.max_epochs * steps_per_epoch
+    peak = config_lib.scaled_lr(cfg)
+    warmup = min(total, round(cfg.scheduler.warmup_epochs * steps_per_epoch))
+    return WarmupCosine(peak=peak, total_steps=total, warmup_steps=warmup,
+                        final=peak * cfg.scheduler.final_lr_ratio), steps_per_epoch
+
+
+def _lr_rule(cfg: DictConfig) -> str:
+    o, batch = cfg.optimizer, config_lib.global_batch_size(cfg)
+    rule = {"linear": f"{o.base_lr} x {batch}/256", "sqrt": f"{o.base_lr} x sqrt({batch})", "none": f"{o.base_lr}"}
+    return f"{rule[o.lr_scaling]} = {config_lib.scaled_lr(cfg):.6g}"
+
+
+def _strategy(cfg: DictConfig):
+    if cfg.trainer.name == "single":
+        return "auto"
+    return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
+
+
+def _logger(cfg: DictConfig, run_dir: Path):
+    name = cfg.logger.name
+    if name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        _require_package("tensorboard", "logger=tensorboard", "tensorboard")
+        return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    if name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        _require_package("wandb", "logger=wandb", "wandb")
+        offline = cfg.logger.offline
+        if offline is None:
+            offline = not _wandb_key_available()
+        return WandbLogger(
+            project=cfg.logger.project, entity=cfg.logger.entity, save_dir=str(run_dir),
+            name=run_dir.name, offline=offline, tags=list(cfg.logger.tags),
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    raise ConfigError(f"logger.name={name}: unknown logger")
+
+
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _require_package(module: str, feature: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{feature}: needs the {module} package; pip install 'sslrun[{extra}]'")
+
+
+def _resume_path(resume: Optional[str], checkpoint_dir: Path) -> Optional[str]:
+    """resume=auto picks <run dir>/checkpoints/last.ckpt, or the newest intact step checkpoint."""
+    if resume != "auto":
+        return resume
+    candidates = [checkpoint_dir / "last.ckpt"] + sorted(
+        checkpoint_dir.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]), reverse=True
+    )
+    for path in candidates:
+        if path.is_file():
+            if zipfile.is_zipfile(path):
+                log.info("resuming from %s", path)
+                return str(path)
+            log.warning("ignoring unreadable checkpoint %s", path)
+    return None
+
+
+def _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoints, started) -> dict:
+    """The run's results (design notes: summary.json). Collective: every process must call it."""
+    final_loss = method.epoch_loss.compute().item() if method.epoch_loss.update_count else float("nan")
+    skipped = torch.tensor([datamodule.skipped_images()], dtype=torch.long)
+    skipped = int(trainer.strategy.reduce(skipped.to(method.device), reduce_op="max").item())
+    results = evaluation.results if evaluation is not None else {}
+    if torch.cuda.is_available() and method.device.type == "cuda":
+        peak = {"peak_memory_mb": torch.cuda.max_memory_allocated(method.device) / 2**20,
+                "peak_memory_kind": "cuda max allocated, process 0"}
+    else:
+        peak = {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_memory_kind": "cpu max resident set, process 0"}
+    last = Path(checkpoints.dirpath) / "last.ckpt"
+    return {
+        "method": cfg.method.name,
+        "backbone": cfg.backbone.name,
+        "data": cfg.data.name,
+        "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "train_loss": final_loss,
+        "train_loss_protocol": "mean training loss over the last epoch, all processes",
+        "knn_top1": results.get("knn_top1"),
+        "knn_top1_random_init": results.get("knn_top1_random_init"),
+        "knn_top1_pixels": results.get("knn_top1_pixels"),
+        "linear_probe_top1": results.get("linear_probe_top1"),
+        "eval_protocol": evaluation.protocol() if evaluation is not None else "no online evaluation",
+        "images_per_sec": throughput.images_per_sec,
+        **peak,
+        "wall_time_sec": time.time() - started,
+        "world_size": trainer.world_size,
+        "global_batch_size": config_lib.global_batch_size(cfg),
+        "lr": config_lib.scaled_lr(cfg),
+        "lr_rule": _lr_rule(cfg),
+        "skipped_images": skipped,
+        "checkpoint": str(last) if last.is_file() else None,
+    }

@@ -1,0 +1,128 @@
+"""Every config option composes and validates; bad configs fail early with one clear line."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sslrun.__main__ import CONF_DIR, GROUPS, check_overrides
+from sslrun.config import ConfigError, global_batch_size, scaled_lr, validate
+from tests.conftest import run_cli
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def all_options():
+    for group in GROUPS:
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            yield group, path.stem
+
+
+def test_groups_are_the_documented_ones():
+    assert set(GROUPS) == {"method", "backbone", "data", "augmentation", "optimizer", "scheduler",
+                           "trainer", "logger", "recipe"}
+
+
+@pytest.mark.parametrize("group,option", list(all_options()))
+def test_every_option_composes_and_validates(group, option):
+    overrides = [f"{group}={option}", "data.root=/some/where"]
+    cfg = validate(compose_cfg(*overrides))
+    if group not in ("augmentation", "recipe", "backbone"):
+        assert cfg[group].name == option
+
+
+def test_default_config_is_complete_and_typed():
+    cfg = validate(compose_cfg())
+    assert isinstance(cfg.optimizer.base_lr, float)
+    assert cfg.augmentation.views[0].size == cfg.data.image_size  # interpolated
+
+
+def error_for(*overrides) -> str:
+    problem = check_overrides(list(overrides))
+    assert problem is not None, f"{overrides} should be rejected"
+    assert "\n" not in problem
+    return problem
+
+
+def test_unknown_group_option_lists_the_choices():
+    message = error_for("method=simclrr")
+    assert "method=simclrr" in message and "simclr" in message.split("choose one of:")[1]
+
+
+def test_misspelled_key_names_the_key_and_the_valid_ones():
+    message = error_for("optimizer.base_lrr=0.1")
+    assert message.startswith("optimizer.base_lrr: unknown key")
+    assert "did you mean 'base_lr'" in message and "momentum" in message
+
+
+def test_key_valid_for_another_option_is_rejected():
+    message = error_for("optimizer=adamw", "optimizer.trust_coefficient=0.01")
+    assert "optimizer.trust_coefficient" in message and "optimizer (adamw)" in message and "betas" in message
+
+
+def test_wrong_type_names_the_key():
+    message = error_for("optimizer.base_lr=fast")
+    assert message.startswith("optimizer.base_lr") and "fast" in message
+
+
+def test_batch_that_does_not_divide_by_processes():
+    message = error_for("trainer=ddp", "trainer.devices=3", "data.batch_size=256")
+    assert "data.batch_size=256" in message and "3 processes" in message and "255" in message
+
+
+def test_several_devices_need_ddp():
+    assert "trainer=ddp" in error_for("trainer.devices=2")
+
+
+def test_missing_required_value():
+    assert error_for("data=imagefolder").startswith("data.root: no value given")
+
+
+def test_probability_out_of_range():
+    assert "augmentation.views.0.blur_p" in error_for("augmentation.views.0.blur_p=1.5")
+
+
+def test_unknown_method_name_in_a_user_file():
+    cfg = compose_cfg("++method.name=dino2")
+    with pytest.raises(ConfigError, match="method.name: unknown method 'dino2'; choose one of: simclr"):
+        validate(cfg)
+
+
+def test_valid_overrides_pass():
+    assert check_overrides(["method=simclr", "backbone=resnet50", "trainer=ddp", "trainer.devices=2",
+                            "optimizer=lars", "backbone.timm_kwargs={channels:[8,16,32,64]}"]) is None
+
+
+def test_recipes_set_a_whole_run_and_groups_still_swap():
+    quick = validate(compose_cfg())
+    assert quick.backbone.timm_kwargs.channels == [32, 64, 128, 256] and quick.trainer.max_epochs == 1
+    assert validate(compose_cfg("backbone=resnet50")).backbone.timm_kwargs == {}
+    paper = validate(compose_cfg("recipe=simclr_imagenet", "data.root=/imagenet"))
+    assert (paper.backbone.name, paper.data.name, paper.data.batch_size) == ("resnet50", "imagefolder", 4096)
+    assert scaled_lr(paper) == pytest.approx(4.8) and paper.trainer.name == "ddp"
+    plain = validate(compose_cfg("~recipe"))
+    assert plain.trainer.max_epochs == 100 and plain.optimizer.lr_scaling == "linear"
+
+
+def test_lr_scales_with_the_global_batch():
+    cfg = validate(compose_cfg("data.batch_size=512", "optimizer.base_lr=0.3", "optimizer.lr_scaling=linear",
+                              "trainer.accumulate_grad_batches=2"))
+    assert global_batch_size(cfg) == 1024
+    assert scaled_lr(cfg) == pytest.approx(0.3 * 1024 / 256)
+    cfg = validate(compose_cfg("data.batch_size=400", "optimizer.lr_scaling=sqrt", "optimizer.base_lr=0.075"))
+    assert scaled_lr(cfg) == pytest.approx(0.075 * 20)
+
+
+def test_cli_error_is_one_line_exit_2_and_fast(tmp_path):
+    result = run_cli("optimizer.momentun=0.9", cwd=tmp_path, check=False, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["sslrun: error: optimizer.momentun: unknown key; did you mean 'momentum'? valid keys in "
+                     "optimizer (lars): name, base_lr, lr_scaling, weight_decay, exclude_bias_and_norm, "
+                     "probe_lr, momentum, trust_coefficient"]
+    assert not list(tmp_path.iterdir()), "nothing may be written for a rejected config"
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    result = run_cli("method=simclr", "trainer=ddp", "optimizer=sgd", "--cfg", "job", cwd=tmp_path, timeout=60)
+    assert "name: ddp" in result.stdout and "name: sgd" in result.stdout and "temperature:" in result.stdout

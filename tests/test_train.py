@@ -1,0 +1,127 @@
+"""End-to-end runs on the real embedded data: single process, DDP on 2 CPU processes, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import REPO, TINY, column, needs_fashion_mnist, read_metrics, read_summary, run_cli
+
+pytestmark = [pytest.mark.slow, needs_fashion_mnist]
+
+SUMMARY_KEYS = {"method", "backbone", "data", "global_step", "train_loss", "knn_top1", "knn_top1_random_init",
+                "knn_top1_pixels", "linear_probe_top1", "eval_protocol", "images_per_sec", "peak_memory_mb",
+                "wall_time_sec", "checkpoint", "lr", "global_batch_size", "skipped_images"}
+
+
+def assert_learned(run_dir, steps):
+    summary = read_summary(run_dir)
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["global_step"] == steps
+    assert summary["knn_top1"] > summary["knn_top1_random_init"] + 0.1, summary
+    assert summary["images_per_sec"] > 0 and summary["checkpoint"].endswith("last.ckpt")
+    losses = [v for _, v in column(read_metrics(run_dir), "train/loss")]
+    assert len(losses) >= steps - 1
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses  # loss falls
+    return summary
+
+
+def test_single_process_run_learns_and_reports(tmp_path):
+    # 60000 / 64 = 937 steps per epoch: warmup_epochs=0.01 is 9 warmup steps of 40.
+    result = run_cli(*TINY, "trainer.max_steps=40", "scheduler.warmup_epochs=0.01", f"hydra.run.dir={tmp_path}")
+    summary = assert_learned(tmp_path, 40)
+    assert summary["world_size"] == 1 and summary["global_batch_size"] == 64
+    assert summary["lr"] == pytest.approx(0.075 * 8)  # the quick recipe's rule: 0.075 * sqrt(batch)
+    assert "lr = 0.075 x sqrt(64) = 0.6" in result.stdout + result.stderr  # effective lr logged
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    lrs = dict(column(read_metrics(tmp_path), "lr"))
+    assert lrs[0] == 0.0 and lrs[9] == pytest.approx(0.6)
+    assert all(lrs[i] < lrs[i + 1] for i in range(9))  # linear warmup
+    assert lrs[10] > lrs[20] > lrs[39] > 0  # cosine decay
+    assert result.stdout.strip().splitlines()[-1].endswith(f"summary: {tmp_path}/summary.json")
+
+
+def test_ddp_on_two_processes_shards_the_data_and_learns(tmp_path):
+    overrides = [*TINY, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=30",
+                 "scheduler.warmup_epochs=0.01", "logger=tensorboard"]
+    subprocess.run([sys.executable, str(REPO / "tests" / "ddp_script.py"), str(tmp_path), *overrides],
+                   cwd=REPO, check=True, timeout=600, capture_output=True)
+    summary = read_summary(tmp_path)
+    assert summary["world_size"] == 2 and summary["global_step"] == 30
+    assert summary["knn_top1"] > summary["knn_top1_random_init"] + 0.1, summary
+    ranks = [torch.load(tmp_path / f"indices_rank{r}.pt") for r in range(2)]
+    assert [len(r) for r in ranks] == [30 * 32, 30 * 32]  # 64 global = 32 per process
+    assert len(set(ranks[0].tolist()) & set(ranks[1].tolist())) == 0  # disjoint shards in the epoch
+    assert len(set(ranks[0].tolist())) == 30 * 32  # no repeats within an epoch
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_ddp_through_the_cli(tmp_path):
+    run_cli(*TINY, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=30",
+            "scheduler.warmup_epochs=0.01", f"hydra.run.dir={tmp_path}")
+    summary = assert_learned(tmp_path, 30)
+    assert summary["world_size"] == 2
+
+
+def test_killed_run_resumes_step_counter_and_schedule(tmp_path):
+    common = [*TINY, "trainer.max_steps=60", "trainer.checkpoint_every_n_steps=8", "eval.every_n_epochs=0"]
+    reference = tmp_path / "reference"
+    run_cli(*common, f"hydra.run.dir={reference}")
+    reference_lr = dict(column(read_metrics(reference), "lr"))
+
+    resumed = tmp_path / "resumed"
+    command = [sys.executable, "-m", "sslrun", *common, f"hydra.run.dir={resumed}"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not (resumed / "checkpoints" / "step=8.ckpt").exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (resumed / "summary.json").exists(), "the run finished before it was killed"
+    steps_before = {s for s, _ in column(read_metrics(resumed), "lr")} if (resumed / "csv").exists() else set()
+
+    result = run_cli(*common, f"hydra.run.dir={resumed}")
+    assert "resuming from" in result.stderr + result.stdout
+    summary = read_summary(resumed)
+    assert summary["global_step"] == 60
+    resumed_lr = column(read_metrics(resumed), "lr")
+    after = [(s, v) for s, v in resumed_lr if s not in steps_before]
+    first_step = after[0][0]
+    assert 8 <= first_step < 60, "the resumed run must continue, not restart at step 0"
+    for step, lr in after:
+        assert lr == pytest.approx(reference_lr[step]), step  # the schedule continues where it stopped
+    checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 60 and checkpoint["optimizer_states"][0]["state"]
+
+
+def test_configs_ship_with_a_non_editable_install(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(REPO)], check=True, timeout=300, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import sslrun; print(sslrun.__file__)"], cwd=elsewhere,
+                           env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(target))
+    result = run_cli("method=simclr", "trainer=ddp", "--cfg", "job", cwd=elsewhere, env=env)
+    assert "name: simclr" in result.stdout and "name: ddp" in result.stdout
+
+
+def test_wandb_logs_offline_and_never_writes_the_api_key(tmp_path):
+    pytest.importorskip("wandb")
+    secret = "f00dfeed" * 5  # shaped like a W&B key
+    run_cli(*TINY, "trainer.max_steps=6", "logger=wandb", "logger.offline=true", "eval.knn.bank_size=200",
+            "eval.knn.query_size=100", f"hydra.run.dir={tmp_path}",
+            env={"WANDB_API_KEY": secret, "WANDB_SILENT": "true", "HOME": str(tmp_path / "home")})
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert offline_runs and list(offline_runs[0].glob("*.wandb"))
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"API key written to {path}"
