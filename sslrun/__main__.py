@@ -6,6 +6,7 @@ the key and the valid choices, within a second and before anything heavy is impo
 """
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -82,12 +83,30 @@ def _hydra_app(cfg: DictConfig) -> None:
 
     try:
         cfg = validate(cfg)
+        _check_multirun(cfg)
         from sslrun.train import run
 
         run(cfg)
     except ConfigError as error:
         log.error("error: %s", error)
         sys.exit(2)
+
+
+def _check_multirun(cfg: DictConfig) -> None:
+    """Lightning starts extra DDP processes by re-running this command line, which in a local
+    sweep (-m) would start a sweep in every process. A cluster launcher (SLURM, torchrun) starts
+    the processes itself and is fine."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from sslrun.config import ConfigError, world_size
+
+    external = any(v in os.environ for v in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
+    if HydraConfig.get().mode == RunMode.MULTIRUN and world_size(cfg) > 1 and not external:
+        raise ConfigError(
+            f"trainer.devices={cfg.trainer.devices}: several processes per job cannot run in a local "
+            f"sweep (-m); run the jobs one by one, or sweep on a cluster launcher"
+        )
 
 
 if __name__ == "__main__":

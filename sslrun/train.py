@@ -48,6 +48,9 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
             f"augmentation: method={cfg.method.name} takes {method_cls.num_views} views, the recipe "
             f"makes {views} (sum of augmentation.views[*].count)"
         )
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator=gpu: no CUDA device is visible here; use "
+                          "trainer.accelerator=cpu or auto")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = SSLDataModule(cfg.data, cfg.augmentation.views, cfg.eval, processes=world,
@@ -110,11 +113,14 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
             datamodule.per_process_batch, world, cfg.trainer.accumulate_grad_batches,
             _lr_rule(cfg), steps_per_epoch, schedule.total_steps,
         )
-    trainer.fit(method, datamodule=datamodule, ckpt_path=_resume_path(cfg.resume, checkpoint_dir))
+    # Our own checkpoints hold callback and loop state besides tensors: full unpickling.
+    trainer.fit(method, datamodule=datamodule, ckpt_path=_resume_path(cfg.resume, checkpoint_dir),
+                weights_only=False)
     # The final state, final evaluation included (ModelCheckpoint saves only on its step grid).
-    trainer.save_checkpoint(str(checkpoint_dir / "last.ckpt"))
+    trainer.save_checkpoint(str(checkpoint_dir / "last.ckpt"), weights_only=False)
 
-    summary = _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoints, started)
+    summary = _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoints, started,
+                       steps_per_epoch)
     if trainer.is_global_zero:
         path = run_dir / "summary.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -128,14 +134,18 @@ class _DropTips(logging.Filter):
 
 
 def _tidy_lightning_output() -> None:
-    """One copy of each Lightning message (its own console handler duplicates the root's), no
-    advertisements, no deprecation noise from Lightning's internals."""
-    lightning_logger = logging.getLogger("lightning")
-    if logging.getLogger().hasHandlers():
-        lightning_logger.handlers.clear()
-    for handler in [*lightning_logger.handlers, *logging.getLogger().handlers]:
-        if not any(isinstance(f, _DropTips) for f in handler.filters):
-            handler.addFilter(_DropTips())
+    """One copy of each Lightning message (its own console handlers duplicate the root's under
+    Hydra), no advertisements, no deprecation noise from Lightning's internals."""
+    root = logging.getLogger()
+    lightning_loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    if root.hasHandlers():
+        for logger in lightning_loggers:
+            logger.handlers.clear()
+            logger.propagate = True
+    for logger in (root, *lightning_loggers):
+        for handler in logger.handlers:
+            if not any(isinstance(f, _DropTips) for f in handler.filters):
+                handler.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
@@ -231,7 +241,8 @@ def _resume_path(resume: Optional[str], checkpoint_dir: Path) -> Optional[str]:
     return None
 
 
-def _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoints, started) -> dict:
+def _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoints, started,
+             steps_per_epoch) -> dict:
     """The run's results (design notes: summary.json). Collective: every process must call it."""
     final_loss = method.epoch_loss.compute().item() if method.epoch_loss.update_count else float("nan")
     skipped = torch.tensor([datamodule.skipped_images()], dtype=torch.long)
@@ -249,7 +260,7 @@ def _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoin
         "backbone": cfg.backbone.name,
         "data": cfg.data.name,
         "global_step": trainer.global_step,
-        "epochs": trainer.current_epoch,
+        "epochs": round(trainer.global_step / steps_per_epoch, 3),
         "train_loss": final_loss,
         "train_loss_protocol": "mean training loss over the last epoch, all processes",
         "knn_top1": results.get("knn_top1"),

@@ -126,3 +126,10 @@ def test_cli_error_is_one_line_exit_2_and_fast(tmp_path):
 def test_cfg_job_prints_the_composed_config(tmp_path):
     result = run_cli("method=simclr", "trainer=ddp", "optimizer=sgd", "--cfg", "job", cwd=tmp_path, timeout=60)
     assert "name: ddp" in result.stdout and "name: sgd" in result.stdout and "temperature:" in result.stdout
+
+
+def test_local_sweep_with_several_processes_is_refused(tmp_path):
+    result = run_cli("-m", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "seed=1,2",
+                     f"hydra.sweep.dir={tmp_path}", cwd=tmp_path, check=False, timeout=120)
+    assert result.returncode == 2
+    assert "cannot run in a local sweep" in result.stdout + result.stderr

@@ -125,3 +125,15 @@ def test_wandb_logs_offline_and_never_writes_the_api_key(tmp_path):
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"API key written to {path}"
+
+
+def test_mixed_precision_clipping_and_accumulation(tmp_path):
+    run_cli(*TINY, "trainer.max_steps=4", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0",
+            "trainer.accumulate_grad_batches=2", "eval.knn.bank_size=200", "eval.knn.query_size=100",
+            f"hydra.run.dir={tmp_path}")
+    summary = read_summary(tmp_path)
+    assert summary["global_step"] == 4 and summary["global_batch_size"] == 128
+    assert summary["lr"] == pytest.approx(0.075 * 128 ** 0.5)
+    assert torch.isfinite(torch.tensor(summary["train_loss"])) and 0 <= summary["knn_top1"] <= 1
+    steps = [step for step, _ in column(read_metrics(tmp_path), "train/loss")]
+    assert steps == [0, 1, 2, 3]  # logged per optimizer step, each of 2 accumulated micro-batches

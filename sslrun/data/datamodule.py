@@ -91,10 +91,6 @@ class SSLDataModule(L.LightningDataModule):
         self.load()
 
     @property
-    def num_classes(self) -> int:
-        return self.load().num_classes
-
-    @property
     def train_size(self) -> int:
         return len(self.load().train)
 
