@@ -27,7 +27,7 @@ def test_groups_are_the_documented_ones():
 def test_every_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}", "data.root=/some/where"]
     cfg = validate(compose_cfg(*overrides))
-    if group not in ("augmentation", "recipe", "backbone"):
+    if group in ("method", "data", "scheduler", "trainer", "logger"):  # option file = name
         assert cfg[group].name == option
 
 
@@ -100,8 +100,16 @@ def test_recipes_set_a_whole_run_and_groups_still_swap():
     paper = validate(compose_cfg("recipe=simclr_imagenet", "data.root=/imagenet"))
     assert (paper.backbone.name, paper.data.name, paper.data.batch_size) == ("resnet50", "imagefolder", 4096)
     assert scaled_lr(paper) == pytest.approx(4.8) and paper.trainer.name == "ddp"
-    plain = validate(compose_cfg("~recipe"))
-    assert plain.trainer.max_epochs == 100 and plain.optimizer.lr_scaling == "linear"
+    plain = validate(compose_cfg("recipe=none"))
+    assert plain.trainer.max_epochs == 100 and plain.backbone.timm_kwargs == {}
+
+
+def test_method_picks_its_own_augmentation_and_optimizer_unless_told_otherwise():
+    cfg = validate(compose_cfg())
+    assert cfg.optimizer.lr_scaling == "sqrt" and cfg.optimizer.base_lr == 0.075  # optimizer=simclr
+    assert cfg.augmentation.views[0].blur_p == 0.0  # the quick recipe's small-image views
+    assert validate(compose_cfg("recipe=none")).augmentation.views[0].blur_p == 0.5  # the paper's
+    assert validate(compose_cfg("optimizer=adamw")).optimizer.name == "adamw"
 
 
 def test_lr_scales_with_the_global_batch():
