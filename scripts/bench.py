@@ -29,10 +29,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 
-from sslrun.__main__ import CONF_DIR
-from sslrun.config import validate
+from sslrun.config import compose
 from sslrun.data.datamodule import SSLDataModule
 from sslrun.losses import nt_xent_loss
 from sslrun.models.backbones import build_backbone
@@ -103,11 +101,6 @@ def alternate(cfg, repeats: int, label: str):
     return bare, sslrun
 
 
-def compose_cfg(overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return validate(compose(config_name="config", overrides=overrides))
-
-
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -127,8 +120,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     common = ["eval.enabled=false", "trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=100000"]
-    cfg = compose_cfg(["backbone=resnet18", f"trainer.max_steps={args.steps}", *common, *args.overrides])
-    probe_cfg = compose_cfg([*TINY, "trainer.max_steps=60", *common, *args.overrides])
+    cfg = compose(["backbone=resnet18", f"trainer.max_steps={args.steps}", *common, *args.overrides])
+    probe_cfg = compose([*TINY, "trainer.max_steps=60", *common, *args.overrides])
 
     bare, sslrun = alternate(cfg, args.repeats, "resnet18")
     ratios = [b / s for b, s in zip(bare, sslrun)]  # sslrun throughput / bare throughput

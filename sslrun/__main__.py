@@ -8,29 +8,24 @@ the key and the valid choices, within a second and before anything heavy is impo
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import hydra
 from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+from sslrun.config import lenient
 
 log = logging.getLogger("sslrun")
 
 
 def check_overrides(overrides: List[str]) -> Optional[str]:
     """Compose `overrides` and validate the result; return the problem in one line, or None."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, MissingConfigException
 
-    from sslrun.config import ConfigError, validate
+    from sslrun.config import ConfigError, compose
 
-    lenient = [_force_add(o) for o in overrides]
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=lenient)
+        compose(overrides)
     except MissingConfigException as error:
         group, _, option = str(error.missing_cfg_file or "").rpartition("/")
         if group and error.options is not None:
@@ -38,21 +33,9 @@ def check_overrides(overrides: List[str]) -> Optional[str]:
         return _one_line(error)
     except HydraException as error:
         return _one_line(error)
-    try:
-        validate(cfg)
     except ConfigError as error:
         return str(error)
     return None
-
-
-def _force_add(override: str) -> str:
-    """`key=value` -> `++key=value`: a misspelled key then reaches the schema check, which names
-    the valid keys, instead of stopping Hydra with a multi-line struct error; and a dict value
-    (`backbone.timm_kwargs={channels: [...]}`) may bring new keys."""
-    key, sep, _ = override.partition("=")
-    plain_key = sep and key and key[0] not in "+~" and not key.startswith("hydra")
-    is_group = key in GROUPS or "/" in key or "@" in key
-    return f"++{override}" if plain_key and not is_group else override
 
 
 def _one_line(error: Exception) -> str:
@@ -73,7 +56,7 @@ def main() -> None:
             sys.exit(2)
     # Hydra composes with the same lenient overrides the check used; the schema check in the app
     # then catches any key that does not exist (also in sweeps and in user config files).
-    sys.argv = [sys.argv[0]] + [_force_add(a) if a in args.overrides else a for a in sys.argv[1:]]
+    sys.argv = [sys.argv[0]] + [lenient(a) if a in args.overrides else a for a in sys.argv[1:]]
     _hydra_app()
 
 

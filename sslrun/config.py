@@ -11,14 +11,40 @@ This module imports nothing heavier than omegaconf, so that errors come back in 
 import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, get_args
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
 
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
 class ConfigError(ValueError):
     """A config problem, stated in one line that names the key and the fix."""
+
+
+def lenient(override: str) -> str:
+    """`key=value` -> `++key=value` for plain keys (not groups, not hydra.*): a misspelled key then
+    reaches the schema check, which names the valid keys, instead of stopping Hydra with a
+    multi-line struct error; and a dict value (`backbone.timm_kwargs={channels: [...]}`) may bring
+    new keys."""
+    key, sep, _ = override.partition("=")
+    plain_key = sep and key and key[0] not in "+~" and not key.startswith("hydra")
+    is_group = key in GROUPS or "/" in key or "@" in key
+    return f"++{override}" if plain_key and not is_group else override
+
+
+def compose(overrides=()) -> DictConfig:
+    """The validated config of `python -m sslrun OVERRIDES...`, for the Python API and tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[lenient(o) for o in overrides])
+    return validate(cfg)
 
 
 # ---------------------------------------------------------------------------- method
@@ -40,7 +66,73 @@ class SimCLRConfig:
     projector: MLPSpec = field(default_factory=MLPSpec)
 
 
-METHODS: Dict[str, type] = {"simclr": SimCLRConfig}
+@dataclass
+class MoCoV2Config:
+    name: str = MISSING
+    temperature: float = MISSING
+    momentum: float = MISSING
+    queue_size: int = MISSING
+    symmetric: bool = MISSING
+    shuffle_bn: bool = MISSING
+    projector: MLPSpec = field(default_factory=MLPSpec)
+
+
+@dataclass
+class MoCoV3Config:
+    name: str = MISSING
+    temperature: float = MISSING
+    momentum: float = MISSING
+    final_momentum: float = MISSING
+    frozen_patch_embed: bool = MISSING
+    projector: MLPSpec = field(default_factory=MLPSpec)
+    predictor_mlp: MLPSpec = field(default_factory=MLPSpec)
+
+
+@dataclass
+class BYOLConfig:
+    name: str = MISSING
+    momentum: float = MISSING
+    final_momentum: float = MISSING
+    projector: MLPSpec = field(default_factory=MLPSpec)
+    predictor_mlp: MLPSpec = field(default_factory=MLPSpec)
+
+
+@dataclass
+class SimSiamConfig:
+    name: str = MISSING
+    stop_gradient: bool = MISSING
+    predictor: bool = MISSING
+    fixed_predictor_lr: bool = MISSING
+    projector: MLPSpec = field(default_factory=MLPSpec)
+    predictor_mlp: MLPSpec = field(default_factory=MLPSpec)
+
+
+@dataclass
+class BarlowTwinsConfig:
+    name: str = MISSING
+    lambd: float = MISSING
+    projector: MLPSpec = field(default_factory=MLPSpec)
+
+
+@dataclass
+class VICRegConfig:
+    name: str = MISSING
+    invariance_weight: float = MISSING
+    variance_weight: float = MISSING
+    covariance_weight: float = MISSING
+    eps: float = MISSING
+    projector: MLPSpec = field(default_factory=MLPSpec)
+
+
+METHODS: Dict[str, type] = {
+    "simclr": SimCLRConfig,
+    "mocov2": MoCoV2Config,
+    "mocov3": MoCoV3Config,
+    "byol": BYOLConfig,
+    "simsiam": SimSiamConfig,
+    "barlow_twins": BarlowTwinsConfig,
+    "vicreg": VICRegConfig,
+}
 
 
 # ---------------------------------------------------------------------------- backbone
@@ -130,6 +222,7 @@ class OptimizerBase:
     lr_scaling: str = MISSING
     weight_decay: float = MISSING
     exclude_bias_and_norm: bool = MISSING
+    bias_and_norm_lr_scale: float = MISSING
     probe_lr: float = MISSING
 
 
@@ -423,6 +516,22 @@ def _check_values(cfg: DictConfig) -> None:
                          "color_jitter.p": view.color_jitter.p}
         for name, p in probabilities.items():
             _require(0 <= p <= 1, f"{key}.{name}={p}: a probability must be in [0, 1]")
+
+    m = cfg.method
+    if "temperature" in m:
+        _require(m.temperature > 0, f"method.temperature={m.temperature}: must be positive")
+    for key in ("momentum", "final_momentum"):
+        if key in m:
+            _require(0 <= m[key] <= 1, f"method.{key}={m[key]}: a momentum must be in [0, 1]")
+    if "queue_size" in m:
+        _require(m.queue_size >= 1, f"method.queue_size={m.queue_size}: must be at least 1")
+    for key in ("projector", "predictor_mlp"):
+        if key in m:
+            _require(m[key].num_layers >= 1, f"method.{key}.num_layers={m[key].num_layers}: must be at least 1")
+    if "predictor_mlp" in m and "projector" in m:
+        _require(m.predictor_mlp.out_dim == m.projector.out_dim,
+                 f"method.predictor_mlp.out_dim={m.predictor_mlp.out_dim}: must equal method.projector.out_dim="
+                 f"{m.projector.out_dim} (the prediction is compared with a projection)")
 
     knn = cfg.eval.knn
     _require(knn.k >= 1, f"eval.knn.k={knn.k}: must be at least 1")

@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from sslrun import config as config_lib
-from sslrun.callbacks import AtomicCheckpointIO, OnlineEvaluation, Throughput
+from sslrun.callbacks import AtomicCheckpointIO, CollapseMonitor, OnlineEvaluation, Throughput
 from sslrun.config import ConfigError
 from sslrun.data.datamodule import SSLDataModule
 from sslrun.distributed import convert_to_global_bn
@@ -58,23 +58,14 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
     splits = datamodule.load()
     schedule, steps_per_epoch = lr_schedule(cfg, len(splits.train))
     evaluate = cfg.eval.enabled and splits.heldout is not None
-    backbone = build_backbone(cfg.backbone, in_chans=cfg.data.channels)
-    method = method_cls(
-        cfg.method,
-        backbone=backbone,
-        optimizer_cfg=cfg.optimizer,
-        lr_schedule=schedule,
-        num_classes=splits.num_classes if evaluate and cfg.eval.linear_probe else None,
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-    if cfg.trainer.sync_batchnorm and world > 1:
-        convert_to_global_bn(method)
+    method = build_method(cfg, schedule, splits.num_classes if evaluate and cfg.eval.linear_probe else None)
 
     evaluation = (
         OnlineEvaluation(datamodule, cfg.eval.knn, cfg.eval.every_n_epochs, splits.num_classes)
         if evaluate else None
     )
     throughput = Throughput(cfg.data.batch_size)
+    collapse = CollapseMonitor()
     checkpoint_dir = run_dir / "checkpoints"
     checkpoints = ModelCheckpoint(
         dirpath=checkpoint_dir,
@@ -99,7 +90,7 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.progress_bar,
         logger=_logger(cfg, run_dir),
-        callbacks=[c for c in (evaluation, throughput, checkpoints, *callbacks) if c is not None],
+        callbacks=[c for c in (evaluation, collapse, throughput, checkpoints, *callbacks) if c is not None],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
         num_sanity_val_steps=0,
@@ -121,6 +112,7 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
 
     summary = _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoints, started,
                        steps_per_epoch)
+    summary.update(collapse.summary())
     if trainer.is_global_zero:
         path = run_dir / "summary.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -147,6 +139,21 @@ def _tidy_lightning_output() -> None:
             if not any(isinstance(f, _DropTips) for f in handler.filters):
                 handler.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def build_method(cfg: DictConfig, lr_schedule: WarmupCosine, num_classes: Optional[int]) -> L.LightningModule:
+    """The method `cfg.method.name` names, on its backbone, with global BN when asked for."""
+    method = METHODS[cfg.method.name](
+        cfg.method,
+        backbone=build_backbone(cfg.backbone, in_chans=cfg.data.channels),
+        optimizer_cfg=cfg.optimizer,
+        lr_schedule=lr_schedule,
+        num_classes=num_classes,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    if cfg.trainer.sync_batchnorm and config_lib.world_size(cfg) > 1:
+        convert_to_global_bn(method)
+    return method
 
 
 def _hydra_run_dir() -> str:

@@ -7,10 +7,8 @@ import sys
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 
-from sslrun.__main__ import CONF_DIR
-from sslrun.config import validate
+from sslrun.config import compose
 from sslrun.train import run
 
 
@@ -27,6 +25,4 @@ class RecordIndices(L.Callback):
 
 if __name__ == "__main__":
     run_dir, *overrides = sys.argv[1:]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = validate(compose(config_name="config", overrides=overrides))
-    run(cfg, run_dir=run_dir, callbacks=[RecordIndices(run_dir)])
+    run(compose(overrides), run_dir=run_dir, callbacks=[RecordIndices(run_dir)])

@@ -1,10 +1,11 @@
 """Every config option composes and validates; bad configs fail early with one clear line."""
 
 import pytest
+
 from hydra import compose, initialize_config_dir
 
-from sslrun.__main__ import CONF_DIR, GROUPS, check_overrides
-from sslrun.config import ConfigError, global_batch_size, scaled_lr, validate
+from sslrun.__main__ import check_overrides
+from sslrun.config import CONF_DIR, GROUPS, ConfigError, global_batch_size, scaled_lr, validate
 from tests.conftest import run_cli
 
 def compose_cfg(*overrides):
@@ -13,22 +14,24 @@ def compose_cfg(*overrides):
 
 
 def all_options():
-    for group in GROUPS:
+    for group in sorted(set(GROUPS) - {"tuning"}):  # tuning files go with their method: tested below
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
             yield group, path.stem
 
 
 def test_groups_are_the_documented_ones():
     assert set(GROUPS) == {"method", "backbone", "data", "augmentation", "optimizer", "scheduler",
-                           "trainer", "logger", "recipe"}
+                           "trainer", "logger", "recipe", "tuning"}
 
 
 @pytest.mark.parametrize("group,option", list(all_options()))
 def test_every_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}", "data.root=/some/where"]
+    if option == "mocov3_vit":
+        overrides.append("backbone=vit_small")
     cfg = validate(compose_cfg(*overrides))
     if group in ("method", "data", "scheduler", "trainer", "logger"):  # option file = name
-        assert cfg[group].name == option
+        assert cfg[group].name == option.removesuffix("_vit")
 
 
 def test_default_config_is_complete_and_typed():
@@ -97,11 +100,32 @@ def test_recipes_set_a_whole_run_and_groups_still_swap():
     quick = validate(compose_cfg())
     assert quick.backbone.timm_kwargs.channels == [32, 64, 128, 256] and quick.trainer.max_epochs == 1
     assert validate(compose_cfg("backbone=resnet50")).backbone.timm_kwargs == {}
-    paper = validate(compose_cfg("recipe=simclr_imagenet", "data.root=/imagenet"))
+    paper = validate(compose_cfg("recipe=imagenet", "data.root=/imagenet"))
     assert (paper.backbone.name, paper.data.name, paper.data.batch_size) == ("resnet50", "imagefolder", 4096)
-    assert scaled_lr(paper) == pytest.approx(4.8) and paper.trainer.name == "ddp"
+    assert scaled_lr(paper) == pytest.approx(4.8) and paper.trainer.name == "ddp"  # SimCLR: 0.3 x 4096 / 256
+    mocov2 = validate(compose_cfg("recipe=imagenet", "method=mocov2", "data.root=/imagenet"))
+    assert (mocov2.data.batch_size, mocov2.trainer.max_epochs, mocov2.scheduler.warmup_epochs) == (256, 200, 0)
+    assert scaled_lr(mocov2) == pytest.approx(0.03) and not mocov2.trainer.sync_batchnorm
     plain = validate(compose_cfg("recipe=none"))
     assert plain.trainer.max_epochs == 100 and plain.backbone.timm_kwargs == {}
+
+
+METHOD_OPTIONS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml")))
+@pytest.mark.parametrize("method", METHOD_OPTIONS)
+def test_every_method_composes_with_every_recipe(recipe, method):
+    extra = ["backbone=vit_small"] if method == "mocov3_vit" else []
+    cfg = validate(compose_cfg(f"recipe={recipe}", f"method={method}", "data.root=/data", *extra))
+    assert cfg.method.name == method.removesuffix("_vit")
+
+
+def test_tuning_files_name_an_existing_recipe_and_method():
+    recipes = {p.stem for p in (CONF_DIR / "recipe").glob("*.yaml")}
+    for path in (CONF_DIR / "tuning").glob("*.yaml"):
+        recipe, _, method = path.stem.partition("_")
+        assert recipe in recipes and method in METHOD_OPTIONS, path.name
 
 
 def test_method_picks_its_own_augmentation_and_optimizer_unless_told_otherwise():
@@ -127,6 +151,7 @@ def test_cli_error_is_one_line_exit_2_and_fast(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines == ["sslrun: error: optimizer.momentun: unknown key; did you mean 'momentum'? valid keys in "
                      "optimizer (lars): name, base_lr, lr_scaling, weight_decay, exclude_bias_and_norm, "
+                     "bias_and_norm_lr_scale, "
                      "probe_lr, momentum, trust_coefficient"]
     assert not list(tmp_path.iterdir()), "nothing may be written for a rejected config"
 

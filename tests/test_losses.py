@@ -52,3 +52,109 @@ def test_nt_xent_is_scale_invariant_and_symmetric():
     base = nt_xent_loss(z1, z2, 0.3)
     assert torch.allclose(nt_xent_loss(3 * z1, 0.5 * z2, 0.3), base, atol=1e-6)
     assert torch.allclose(nt_xent_loss(z2, z1, 0.3), base, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the method family's losses
+from sslrun.losses import (  # noqa: E402
+    barlow_twins_loss, byol_loss, infonce_batch_loss, infonce_queue_loss, negative_cosine_similarity, vicreg_loss,
+)
+
+
+def cos(u, v):
+    return float(u @ v / (u.norm() * v.norm()))
+
+
+def test_infonce_queue_by_hand():
+    torch.manual_seed(3)
+    q, k, queue = torch.randn(4, 5).double(), torch.randn(4, 5).double(), torch.randn(6, 5).double()
+    t = 0.2
+    expected = 0.0
+    for i in range(4):
+        positive = math.exp(cos(q[i], k[i]) / t)
+        negatives = sum(math.exp(cos(q[i], n) / t) for n in queue)
+        expected += -math.log(positive / (positive + negatives))
+    assert math.isclose(infonce_queue_loss(q, k, queue, t).item(), expected / 4, rel_tol=1e-9)
+
+
+def test_infonce_queue_temperature_and_queue_contents_matter():
+    torch.manual_seed(4)
+    q, k, queue = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
+    assert not math.isclose(infonce_queue_loss(q, k, queue, 0.2).item(), infonce_queue_loss(q, k, queue, 0.5).item())
+    # A queue holding exactly the positives makes each negative as likely as the positive.
+    same = infonce_queue_loss(q, q, q[:1].repeat(7, 1), 0.2)
+    aligned = torch.tensor([[1.0, 0, 0, 0]])
+    assert math.isclose(infonce_queue_loss(aligned, aligned, aligned.repeat(7, 1), 0.2).item(), math.log(8), rel_tol=1e-6)
+    assert same.item() > 0
+
+
+def test_infonce_batch_by_hand_with_2t_scale_and_offset():
+    torch.manual_seed(5)
+    q, k_all = torch.randn(3, 4).double(), torch.randn(6, 4).double()
+    t, offset = 0.2, 3  # this process holds rows 3..5 of the gathered keys
+    expected = 0.0
+    for i in range(3):
+        logits = [cos(q[i], k) / t for k in k_all]
+        expected += -math.log(math.exp(logits[offset + i]) / sum(math.exp(x) for x in logits))
+    expected = 2 * t * expected / 3
+    assert math.isclose(infonce_batch_loss(q, k_all, t, offset).item(), expected, rel_tol=1e-9)
+
+
+def test_cosine_losses_by_hand():
+    p, z = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 2.0], [2.0, 2.0]])
+    assert math.isclose(negative_cosine_similarity(p, z).item(), -(0.0 + 1.0) / 2, abs_tol=1e-7)
+    assert math.isclose(byol_loss(p, z).item(), ((2 - 0.0) + (2 - 2.0)) / 2, abs_tol=1e-6)
+    # BYOL's loss is the squared distance of the normalised vectors
+    torch.manual_seed(6)
+    p, z = torch.randn(5, 3), torch.randn(5, 3)
+    direct = (torch.nn.functional.normalize(p, dim=1) - torch.nn.functional.normalize(z, dim=1)).pow(2).sum(1).mean()
+    assert torch.allclose(byol_loss(p, z), direct, atol=1e-6)
+
+
+def test_barlow_twins_by_hand():
+    torch.manual_seed(7)
+    z1, z2 = torch.randn(8, 3).double(), torch.randn(8, 3).double()
+    lambd = 0.0051
+
+    def standardize(z):
+        columns = []
+        for j in range(z.shape[1]):
+            col = z[:, j]
+            mean = sum(col) / len(col)
+            var = sum((x - mean) ** 2 for x in col) / len(col)
+            columns.append([(x - mean) / math.sqrt(var + 1e-5) for x in col])
+        return columns  # [D][N]
+
+    a, b = standardize(z1), standardize(z2)
+    c = [[sum(a[i][n] * b[j][n] for n in range(8)) / 8 for j in range(3)] for i in range(3)]
+    expected = sum((1 - c[i][i]) ** 2 for i in range(3)) + lambd * sum(
+        c[i][j] ** 2 for i in range(3) for j in range(3) if i != j)
+    assert math.isclose(barlow_twins_loss(z1, z2, lambd).item(), float(expected), rel_tol=1e-9)
+
+
+def test_barlow_twins_is_zero_for_identical_decorrelated_views():
+    z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])  # unit variance, uncorrelated
+    assert barlow_twins_loss(z, z.clone()).item() < 1e-4
+
+
+def test_vicreg_terms_by_hand():
+    torch.manual_seed(8)
+    z1, z2 = torch.randn(6, 3).double() * 0.5, torch.randn(6, 3).double() * 2.0
+    n, d = 6, 3
+    invariance = float(((z1 - z2) ** 2).sum() / (n * d))
+
+    def variance_and_covariance(z):
+        mean = z.mean(0)
+        centred = z - mean
+        cov = [[float((centred[:, i] * centred[:, j]).sum() / (n - 1)) for j in range(d)] for i in range(d)]
+        variance = sum(max(0.0, 1 - math.sqrt(cov[j][j] + 1e-4)) for j in range(d)) / d
+        covariance = sum(cov[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / d
+        return variance, covariance
+
+    v1, c1 = variance_and_covariance(z1)
+    v2, c2 = variance_and_covariance(z2)
+    loss, terms = vicreg_loss(z1, z2)
+    assert math.isclose(terms["invariance"].item(), invariance, rel_tol=1e-9)
+    assert math.isclose(terms["variance"].item(), (v1 + v2) / 2, rel_tol=1e-9)
+    assert math.isclose(terms["covariance"].item(), c1 + c2, rel_tol=1e-9)
+    assert math.isclose(loss.item(), 25 * invariance + 25 * (v1 + v2) / 2 + (c1 + c2), rel_tol=1e-9)
+    assert v2 < v1  # the wide embedding (std 2) pays no hinge on most dimensions; the narrow one does

@@ -4,6 +4,13 @@ Losses that need the global batch take the gathered tensors as arguments; gather
 caller's job (sslrun.distributed), so every loss can be checked on one process.
 """
 
+from sslrun.losses.barlow_twins import barlow_twins_loss
+from sslrun.losses.cosine import byol_loss, negative_cosine_similarity
+from sslrun.losses.infonce import infonce_batch_loss, infonce_queue_loss
 from sslrun.losses.nt_xent import nt_xent_loss
+from sslrun.losses.vicreg import vicreg_loss
 
-__all__ = ["nt_xent_loss"]
+__all__ = [
+    "barlow_twins_loss", "byol_loss", "infonce_batch_loss", "infonce_queue_loss", "negative_cosine_similarity",
+    "nt_xent_loss", "vicreg_loss",
+]

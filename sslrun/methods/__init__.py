@@ -1,8 +1,22 @@
 """One file per method; METHODS maps each `method.name` to its LightningModule."""
 
+from sslrun.methods.barlow_twins import BarlowTwins
 from sslrun.methods.base import SSLMethod, StepOutput
+from sslrun.methods.byol import BYOL
+from sslrun.methods.mocov2 import MoCoV2
+from sslrun.methods.mocov3 import MoCoV3
 from sslrun.methods.simclr import SimCLR
+from sslrun.methods.simsiam import SimSiam
+from sslrun.methods.vicreg import VICReg
 
-METHODS = {"simclr": SimCLR}
+METHODS = {
+    "simclr": SimCLR,
+    "mocov2": MoCoV2,
+    "mocov3": MoCoV3,
+    "byol": BYOL,
+    "simsiam": SimSiam,
+    "barlow_twins": BarlowTwins,
+    "vicreg": VICReg,
+}
 
 __all__ = ["METHODS", "SSLMethod", "StepOutput"]

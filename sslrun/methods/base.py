@@ -1,11 +1,12 @@
 """What every method shares: backbone, online linear probe, optimizer, schedules and logging.
 
-A method subclasses SSLMethod and implements `training_loss(batch) -> StepOutput`; everything
-else (parameter groups, the per-step learning rate, the probe, loss bookkeeping) lives here.
+A method subclasses SSLMethod and implements `training_loss(batch) -> StepOutput`; methods with a
+momentum teacher also implement `after_optimizer_step`. Everything else (parameter groups, the
+per-step learning rate, the probe, loss bookkeeping) lives here.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import lightning as L
 import torch
@@ -20,6 +21,7 @@ from sslrun.optim import WarmupCosine, build_optimizer, parameter_groups
 class StepOutput:
     loss: torch.Tensor
     features: torch.Tensor  # backbone features of the first view, for the online probe
+    embedding: torch.Tensor  # what the loss acts on (first view), for the collapse monitor
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -43,7 +45,10 @@ class SSLMethod(L.LightningModule):
     def training_loss(self, batch: dict) -> StepOutput:
         raise NotImplementedError
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def after_optimizer_step(self) -> None:
+        """Runs once per optimizer step, after it (momentum teachers update here)."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
         out = self.training_loss(batch)
         loss = out.loss
         self.epoch_loss.update(loss.detach())
@@ -52,7 +57,7 @@ class SSLMethod(L.LightningModule):
             self.log(f"train/{name}", value)
         if self.probe is not None:
             loss = loss + self._probe_loss(out.features.detach(), batch["label"])
-        return loss
+        return {"loss": loss, "embedding": out.embedding.detach()}
 
     def _probe_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the online linear probe; images with unknown labels (-1) are skipped.
@@ -72,16 +77,31 @@ class SSLMethod(L.LightningModule):
         self.epoch_loss.reset()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Sets every group's lr for this step: the schedule times the group's `lr_scale`, or the
+        group's `constant_lr` (the probe; SimSiam's predictor)."""
         lr = self.lr_schedule(self.global_step)
         for group in self.optimizers().param_groups:
-            if not group.get("fixed_lr", False):
-                group["lr"] = lr
+            constant = group.get("constant_lr")
+            group["lr"] = constant if constant is not None else lr * group.get("lr_scale", 1.0)
         self.log("lr", lr, prog_bar=True)
 
-    def configure_optimizers(self):
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def optimizer_groups(self) -> List[dict]:
+        """Parameter groups of everything but the probe; methods may split off modules."""
         named = [(n, p) for n, p in self.named_parameters() if not n.startswith("probe.")]
-        groups = parameter_groups(named, self.optimizer_cfg.weight_decay, self.optimizer_cfg.exclude_bias_and_norm)
+        return self._groups(named)
+
+    def _groups(self, named, **extra) -> List[dict]:
+        cfg = self.optimizer_cfg
+        groups = parameter_groups(named, cfg.weight_decay, cfg.exclude_bias_and_norm, cfg.bias_and_norm_lr_scale)
+        return [{**group, **extra} for group in groups]
+
+    def configure_optimizers(self):
+        groups = self.optimizer_groups()
         if self.probe is not None:
-            groups.append({"params": list(self.probe.parameters()), "lr": self.optimizer_cfg.probe_lr,
-                           "weight_decay": 0.0, "lars_adapt": False, "fixed_lr": True})
+            groups.append({"params": list(self.probe.parameters()), "constant_lr": self.optimizer_cfg.probe_lr,
+                           "weight_decay": 0.0, "lars_adapt": False})
         return build_optimizer(self.optimizer_cfg, groups, self.lr_schedule(0))

@@ -25,4 +25,4 @@ class SimCLR(SSLMethod):
             z1, z2, self.temperature,
             all_gather_with_grad(z1), all_gather_with_grad(z2), offset=rank() * batch_size,
         )
-        return StepOutput(loss, features[:batch_size])
+        return StepOutput(loss, features[:batch_size], z1)

@@ -10,7 +10,8 @@ class MLPHead(nn.Sequential):
 
     SimCLR v1's projector is 2 layers, v2's 3 (Chen et al. 2020b, sec. 2), both with hidden width
     equal to the backbone's feature width (hidden_dim=None) and a 128-d output. A Linear followed
-    by BN has no bias: the BN's mean subtraction would cancel it.
+    by BN has no bias: the BN's mean subtraction would cancel it. The output BN has no learned
+    scale or shift, as in the SimSiam and MoCo v3 reference code.
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_layers: int, hidden_dim: Optional[int] = None,
@@ -27,7 +28,7 @@ class MLPHead(nn.Sequential):
             layers.append(nn.ReLU(inplace=True))
         layers.append(nn.Linear(dims[-1], out_dim, bias=not last_batch_norm))
         if last_batch_norm:
-            layers.append(nn.BatchNorm1d(out_dim))
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
         super().__init__(*layers)
         self.out_dim = out_dim
 

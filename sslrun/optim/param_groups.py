@@ -9,12 +9,16 @@ from sslrun.optim.lars import LARS
 
 
 def parameter_groups(
-    named_parameters: Iterable[Tuple[str, nn.Parameter]], weight_decay: float, exclude_bias_and_norm: bool
+    named_parameters: Iterable[Tuple[str, nn.Parameter]],
+    weight_decay: float,
+    exclude_bias_and_norm: bool,
+    bias_and_norm_lr_scale: float = 1.0,
 ) -> List[dict]:
     """Split parameters into decayed weights and (optionally) undecayed biases and norm params.
 
     Biases and normalisation parameters are the 0/1-dimensional tensors; excluding them from
-    weight decay and from LARS adaptation follows SimCLR, BYOL and their reference code.
+    weight decay and from LARS adaptation follows SimCLR, BYOL and their reference code. Their
+    group's learning rate is the scheduled one times `bias_and_norm_lr_scale` (Barlow Twins: 0.024).
     """
     decay, no_decay = [], []
     for _, param in named_parameters:
@@ -23,7 +27,8 @@ def parameter_groups(
         (no_decay if exclude_bias_and_norm and param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "lars_adapt": True}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_adapt": False})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_adapt": False,
+                       "lr_scale": bias_and_norm_lr_scale})
     return [g for g in groups if g["params"]]
 
 
