@@ -32,6 +32,7 @@ test-fast: install data
 
 bench: install data
 	$(BIN)/python scripts/bench.py $(ARGS)
+	$(BIN)/python scripts/bench_multicrop.py
 
 clean:
 	rm -rf $(VENV) outputs multirun *.egg-info

@@ -6,14 +6,17 @@ the key and the valid choices, within a second and before anything heavy is impo
 """
 
 import logging
-import os
 import sys
 from typing import List, Optional
 
+from pathlib import Path
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sslrun.config import lenient
+from sslrun.launch import launch_local_processes, launched_externally, needs_local_launch, wait_for
 
 log = logging.getLogger("sslrun")
 
@@ -67,25 +70,36 @@ def _hydra_app(cfg: DictConfig) -> None:
     try:
         cfg = validate(cfg)
         _check_multirun(cfg)
-        from sslrun.train import run
-
-        run(cfg)
     except ConfigError as error:
         log.error("error: %s", error)
         sys.exit(2)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    others = launch_local_processes(cfg, run_dir) if needs_local_launch(cfg) else []
+    try:
+        from sslrun.train import run
+
+        run(cfg, run_dir=str(run_dir))
+    except ConfigError as error:
+        log.error("error: %s", error)
+        code = 2
+    else:
+        code = wait_for(others)
+    finally:
+        for process in others:
+            if process.poll() is None:
+                process.kill()
+    if code:
+        sys.exit(code)
 
 
 def _check_multirun(cfg: DictConfig) -> None:
-    """Lightning starts extra DDP processes by re-running this command line, which in a local
-    sweep (-m) would start a sweep in every process. A cluster launcher (SLURM, torchrun) starts
-    the processes itself and is fine."""
-    from hydra.core.hydra_config import HydraConfig
+    """Jobs of a local sweep (-m) run one after another in this process; each would need its own
+    process group. A cluster launcher (SLURM, torchrun) starts every job's processes itself."""
     from hydra.types import RunMode
 
     from sslrun.config import ConfigError, world_size
 
-    external = any(v in os.environ for v in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
-    if HydraConfig.get().mode == RunMode.MULTIRUN and world_size(cfg) > 1 and not external:
+    if HydraConfig.get().mode == RunMode.MULTIRUN and world_size(cfg) > 1 and not launched_externally():
         raise ConfigError(
             f"trainer.devices={cfg.trainer.devices}: several processes per job cannot run in a local "
             f"sweep (-m); run the jobs one by one, or sweep on a cluster launcher"

@@ -124,6 +124,33 @@ class VICRegConfig:
     projector: MLPSpec = field(default_factory=MLPSpec)
 
 
+@dataclass
+class DINOHeadSpec:
+    """models.heads.DINOHead: MLP to an l2-normalised bottleneck, weight-normalised prototypes."""
+
+    num_layers: int = MISSING
+    hidden_dim: int = MISSING
+    bottleneck_dim: int = MISSING
+    out_dim: int = MISSING
+    norm_last_layer: bool = MISSING
+
+
+@dataclass
+class DINOConfig:
+    name: str = MISSING
+    global_crops: int = MISSING
+    pack_crops: bool = MISSING
+    student_temperature: float = MISSING
+    teacher_temperature: float = MISSING
+    warmup_teacher_temperature: float = MISSING
+    warmup_teacher_temperature_epochs: float = MISSING
+    center_momentum: float = MISSING
+    momentum: float = MISSING
+    final_momentum: float = MISSING
+    freeze_last_layer_epochs: float = MISSING
+    head: DINOHeadSpec = field(default_factory=DINOHeadSpec)
+
+
 METHODS: Dict[str, type] = {
     "simclr": SimCLRConfig,
     "mocov2": MoCoV2Config,
@@ -132,6 +159,7 @@ METHODS: Dict[str, type] = {
     "simsiam": SimSiamConfig,
     "barlow_twins": BarlowTwinsConfig,
     "vicreg": VICRegConfig,
+    "dino": DINOConfig,
 }
 
 
@@ -142,6 +170,10 @@ class BackboneConfig:
     small_stem: bool = MISSING
     drop_path_rate: float = MISSING
     timm_kwargs: Dict[str, Any] = MISSING
+    attention: Optional[str] = MISSING  # ViTs: one of ATTENTION_BACKENDS; null for ResNets
+
+
+ATTENTION_BACKENDS = ("auto", "xformers", "flex", "sdpa", "math")
 
 
 # ---------------------------------------------------------------------------- data
@@ -221,6 +253,7 @@ class OptimizerBase:
     base_lr: float = MISSING
     lr_scaling: str = MISSING
     weight_decay: float = MISSING
+    final_weight_decay: Optional[float] = MISSING
     exclude_bias_and_norm: bool = MISSING
     bias_and_norm_lr_scale: float = MISSING
     probe_lr: float = MISSING
@@ -315,6 +348,7 @@ class EvalConfig:
     every_n_epochs: int = MISSING
     knn: KNNConfig = field(default_factory=KNNConfig)
     linear_probe: bool = MISSING
+    pictures: int = MISSING
 
 
 @dataclass
@@ -533,9 +567,26 @@ def _check_values(cfg: DictConfig) -> None:
                  f"method.predictor_mlp.out_dim={m.predictor_mlp.out_dim}: must equal method.projector.out_dim="
                  f"{m.projector.out_dim} (the prediction is compared with a projection)")
 
+    if "global_crops" in m:
+        sizes = [view.size for view in cfg.augmentation.views for _ in range(view.count)]
+        _require(1 <= m.global_crops < len(sizes),
+                 f"method.global_crops={m.global_crops}: must be at least 1 and fewer than the {len(sizes)} crops "
+                 f"the augmentation makes")
+        _require(len(set(sizes[:m.global_crops])) == 1,
+                 f"method.global_crops={m.global_crops}: the first {m.global_crops} crops must share one size "
+                 f"(augmentation sizes: {sizes}); list the global crops first")
+    for key in ("student_temperature", "teacher_temperature", "warmup_teacher_temperature"):
+        if key in m:
+            _require(m[key] > 0, f"method.{key}={m[key]}: must be positive")
+    if "center_momentum" in m:
+        _require(0 <= m.center_momentum <= 1, f"method.center_momentum={m.center_momentum}: must be in [0, 1]")
+    _require(cfg.backbone.attention is None or cfg.backbone.attention in ATTENTION_BACKENDS,
+             f"backbone.attention={cfg.backbone.attention}: choose one of: {', '.join(ATTENTION_BACKENDS)}")
+
     knn = cfg.eval.knn
     _require(knn.k >= 1, f"eval.knn.k={knn.k}: must be at least 1")
     _require(knn.temperature > 0, f"eval.knn.temperature={knn.temperature}: must be positive")
+    _require(cfg.eval.pictures >= 0, f"eval.pictures={cfg.eval.pictures}: must be >= 0 (0: no pictures)")
     _require(cfg.eval.every_n_epochs >= 0,
              f"eval.every_n_epochs={cfg.eval.every_n_epochs}: must be >= 0 (0: only at the end)")
     if cfg.resume not in (None, "auto"):

@@ -22,12 +22,13 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from sslrun import config as config_lib
-from sslrun.callbacks import AtomicCheckpointIO, CollapseMonitor, OnlineEvaluation, Throughput
+from sslrun.callbacks import AtomicCheckpointIO, CollapseMonitor, OnlineEvaluation, Pictures, Throughput
 from sslrun.config import ConfigError
 from sslrun.data.datamodule import SSLDataModule
 from sslrun.distributed import convert_to_global_bn
 from sslrun.methods import METHODS
 from sslrun.models.backbones import build_backbone
+from sslrun.models.vit import is_vit
 from sslrun.optim import WarmupCosine
 
 log = logging.getLogger("sslrun")
@@ -58,12 +59,15 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
     splits = datamodule.load()
     schedule, steps_per_epoch = lr_schedule(cfg, len(splits.train))
     evaluate = cfg.eval.enabled and splits.heldout is not None
-    method = build_method(cfg, schedule, splits.num_classes if evaluate and cfg.eval.linear_probe else None)
+    method = build_method(cfg, schedule, splits.num_classes if evaluate and cfg.eval.linear_probe else None,
+                          steps_per_epoch)
 
     evaluation = (
         OnlineEvaluation(datamodule, cfg.eval.knn, cfg.eval.every_n_epochs, splits.num_classes)
         if evaluate else None
     )
+    pictures = (Pictures(datamodule, run_dir / "pictures", cfg.eval.every_n_epochs, cfg.eval.pictures)
+                if cfg.eval.pictures and is_vit(method.backbone) else None)
     throughput = Throughput(cfg.data.batch_size)
     collapse = CollapseMonitor()
     checkpoint_dir = run_dir / "checkpoints"
@@ -90,7 +94,7 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.progress_bar,
         logger=_logger(cfg, run_dir),
-        callbacks=[c for c in (evaluation, collapse, throughput, checkpoints, *callbacks) if c is not None],
+        callbacks=[c for c in (evaluation, pictures, collapse, throughput, checkpoints, *callbacks) if c is not None],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
         num_sanity_val_steps=0,
@@ -141,14 +145,18 @@ def _tidy_lightning_output() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def build_method(cfg: DictConfig, lr_schedule: WarmupCosine, num_classes: Optional[int]) -> L.LightningModule:
-    """The method `cfg.method.name` names, on its backbone, with global BN when asked for."""
+def build_method(cfg: DictConfig, lr_schedule: WarmupCosine, num_classes: Optional[int],
+                 steps_per_epoch: int) -> L.LightningModule:
+    """The method `cfg.method.name` names, on its backbone, with global BN when asked for.
+
+    `steps_per_epoch` turns the schedules given in epochs (DINO's) into steps."""
     method = METHODS[cfg.method.name](
         cfg.method,
         backbone=build_backbone(cfg.backbone, in_chans=cfg.data.channels),
         optimizer_cfg=cfg.optimizer,
         lr_schedule=lr_schedule,
         num_classes=num_classes,
+        steps_per_epoch=steps_per_epoch,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     if cfg.trainer.sync_batchnorm and config_lib.world_size(cfg) > 1:

@@ -150,7 +150,7 @@ def test_cli_error_is_one_line_exit_2_and_fast(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == ["sslrun: error: optimizer.momentun: unknown key; did you mean 'momentum'? valid keys in "
-                     "optimizer (lars): name, base_lr, lr_scaling, weight_decay, exclude_bias_and_norm, "
+                     "optimizer (lars): name, base_lr, lr_scaling, weight_decay, final_weight_decay, exclude_bias_and_norm, "
                      "bias_and_norm_lr_scale, "
                      "probe_lr, momentum, trust_coefficient"]
     assert not list(tmp_path.iterdir()), "nothing may be written for a rejected config"

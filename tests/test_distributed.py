@@ -123,6 +123,13 @@ def test_global_batch_norm_equals_batch_norm_over_the_whole_batch(tmp_path):
     assert torch.allclose(got["running_var"], bn.running_var, atol=1e-5)
 
 
+def test_conversion_keeps_frozen_parameters_frozen():
+    frozen = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)).requires_grad_(False)
+    converted = convert_to_global_bn(frozen)
+    assert isinstance(converted[1], GlobalBatchNorm)
+    assert not any(p.requires_grad for p in converted.parameters())
+
+
 def test_global_batch_norm_is_plain_batch_norm_on_one_process():
     torch.manual_seed(0)
     reference = nn.BatchNorm2d(4)
@@ -136,12 +143,13 @@ def test_global_batch_norm_is_plain_batch_norm_on_one_process():
 def tiny_simclr():
     torch.manual_seed(0)
     backbone_cfg = OmegaConf.create({"name": "resnet18", "small_stem": False, "drop_path_rate": 0.0,
-                                     "timm_kwargs": {"channels": [8, 16, 16, 32]}})
+                                     "timm_kwargs": {"channels": [8, 16, 16, 32]}, "attention": None})
     method_cfg = OmegaConf.create({"temperature": 0.2, "projector": {
         "num_layers": 2, "hidden_dim": 32, "out_dim": 16, "batch_norm": True, "last_batch_norm": True}})
-    optimizer_cfg = OmegaConf.create({"weight_decay": 0.0, "exclude_bias_and_norm": True, "probe_lr": 0.1})
+    optimizer_cfg = OmegaConf.create({"weight_decay": 0.0, "final_weight_decay": None, "exclude_bias_and_norm": True,
+                                      "probe_lr": 0.1})
     return SimCLR(method_cfg, backbone=build_backbone(backbone_cfg, in_chans=1), optimizer_cfg=optimizer_cfg,
-                  lr_schedule=WarmupCosine(peak=0.1, total_steps=10), num_classes=None)
+                  lr_schedule=WarmupCosine(peak=0.1, total_steps=10), num_classes=None, steps_per_epoch=5)
 
 
 def simclr_views(n=8):

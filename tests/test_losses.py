@@ -80,11 +80,13 @@ def test_infonce_queue_temperature_and_queue_contents_matter():
     torch.manual_seed(4)
     q, k, queue = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
     assert not math.isclose(infonce_queue_loss(q, k, queue, 0.2).item(), infonce_queue_loss(q, k, queue, 0.5).item())
-    # A queue holding exactly the positives makes each negative as likely as the positive.
-    same = infonce_queue_loss(q, q, q[:1].repeat(7, 1), 0.2)
+    # 7 queued copies of the positive: each is as likely as the positive itself, loss = log 8.
     aligned = torch.tensor([[1.0, 0, 0, 0]])
     assert math.isclose(infonce_queue_loss(aligned, aligned, aligned.repeat(7, 1), 0.2).item(), math.log(8), rel_tol=1e-6)
-    assert same.item() > 0
+    # Orthogonal negatives: exp(1/T) / (exp(1/T) + 7) by hand.
+    orthogonal = torch.tensor([[0.0, 1, 0, 0]]).repeat(7, 1)
+    expected = -math.log(math.exp(5) / (math.exp(5) + 7))
+    assert math.isclose(infonce_queue_loss(aligned, aligned, orthogonal, 0.2).item(), expected, rel_tol=1e-6)
 
 
 def test_infonce_batch_by_hand_with_2t_scale_and_offset():

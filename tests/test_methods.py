@@ -35,7 +35,8 @@ def tiny_cfg(name: str, *extra: str):
 
 def tiny_method(name: str, *extra: str):
     torch.manual_seed(0)
-    return build_method(tiny_cfg(name, *extra), WarmupCosine(peak=0.1, total_steps=10), num_classes=None)
+    return build_method(tiny_cfg(name, *extra), WarmupCosine(peak=0.1, total_steps=10), num_classes=None,
+                        steps_per_epoch=5)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
@@ -207,8 +208,10 @@ def test_mocov3_freezes_a_vit_patch_projection_and_refuses_other_backbones():
 def test_every_method_is_registered_with_a_schema_and_configs():
     from sslrun.config import METHODS as SCHEMAS
 
-    assert set(METHODS) == set(SCHEMAS) == set(NAMES)
-    for name in NAMES:
-        for group in ("method", "optimizer", "augmentation"):
+    assert set(METHODS) == set(SCHEMAS) == set(NAMES) | {"dino"}
+    for name in METHODS:
+        for group in ("method", "optimizer", "augmentation", "backbone"):
             assert (CONF_DIR / group / f"{name}.yaml").is_file(), (group, name)
-        assert (CONF_DIR / "augmentation" / f"{name}_small.yaml").is_file()
+        for group in ("augmentation", "backbone"):
+            assert (CONF_DIR / group / f"{name}_small.yaml").is_file(), (group, name)
+        assert compose([f"method={name}"]).method.name == name  # the quick recipe composes

@@ -10,7 +10,7 @@ from sslrun.models.heads import MLPHead
 
 def backbone_cfg(name="resnet18", small_stem=False, **timm_kwargs):
     return OmegaConf.create({"name": name, "small_stem": small_stem, "drop_path_rate": 0.0,
-                             "timm_kwargs": timm_kwargs})
+                             "timm_kwargs": timm_kwargs, "attention": None})
 
 
 def test_small_stem_keeps_32px_resolution_into_the_first_stage():

@@ -60,13 +60,6 @@ def test_ddp_on_two_processes_shards_the_data_and_learns(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_ddp_through_the_cli(tmp_path):
-    run_cli(*TINY, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=30",
-            "scheduler.warmup_epochs=0.01", f"hydra.run.dir={tmp_path}")
-    summary = assert_learned(tmp_path, 30)
-    assert summary["world_size"] == 2
-
-
 def test_killed_run_resumes_step_counter_and_schedule(tmp_path):
     common = [*TINY, "trainer.max_steps=60", "trainer.checkpoint_every_n_steps=8", "eval.every_n_epochs=0"]
     reference = tmp_path / "reference"

@@ -1,8 +1,9 @@
-"""Callbacks: online evaluation, collapse monitor, throughput, atomic checkpoint files."""
+"""Callbacks: online evaluation, pictures, collapse monitor, throughput, atomic checkpoint files."""
 
 from sslrun.callbacks.checkpoint_io import AtomicCheckpointIO
 from sslrun.callbacks.collapse import CollapseMonitor
 from sslrun.callbacks.online_eval import OnlineEvaluation
+from sslrun.callbacks.pictures import Pictures
 from sslrun.callbacks.throughput import Throughput
 
-__all__ = ["AtomicCheckpointIO", "CollapseMonitor", "OnlineEvaluation", "Throughput"]
+__all__ = ["AtomicCheckpointIO", "CollapseMonitor", "OnlineEvaluation", "Pictures", "Throughput"]

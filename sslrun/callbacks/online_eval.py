@@ -47,8 +47,9 @@ class OnlineEvaluation(L.Callback):
         self.results["knn_top1_pixels"] = self._knn(*pixels)
         features = self._features(loaders, trainer, pl_module, embed=pl_module.embed)
         self.results["knn_top1_random_init"] = self._knn(*features)
-        log.info("kNN top-1 before training: %.4f (raw pixels: %.4f)",
-                 self.results["knn_top1_random_init"], self.results["knn_top1_pixels"])
+        if trainer.is_global_zero:
+            log.info("kNN top-1 before training: %.4f (raw pixels: %.4f)",
+                     self.results["knn_top1_random_init"], self.results["knn_top1_pixels"])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -81,7 +82,8 @@ class OnlineEvaluation(L.Callback):
         self.evaluated_at_step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        log.info("step %d: %s", trainer.global_step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if trainer.is_global_zero:
+            log.info("step %d: %s", trainer.global_step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     def _loaders(self, trainer):
         return self.datamodule.eval_loaders(trainer.global_rank, trainer.world_size)

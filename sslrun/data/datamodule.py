@@ -134,6 +134,14 @@ class SSLDataModule(L.LightningDataModule):
             for part in (bank, queries)
         )
 
+    def sample_images(self, count: int) -> torch.Tensor:
+        """The first `count` held-out images (training images when there is no held-out split)
+        with the evaluation view: uint8 [count, C, H, W], the same ones every time."""
+        splits = self.load()
+        source = splits.heldout if splits.heldout is not None else splits.train
+        view = CenterView(self.cfg.image_size, self.cfg.eval_crop_fraction)
+        return torch.stack([view(source[i][0]) for i in range(min(count, len(source)))])
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and "views" in batch:
             batch["views"] = self.augment(batch["views"])

@@ -49,6 +49,16 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over processes (a new tensor; no gradient): global batch statistics."""
+    if not is_distributed():
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+@torch.no_grad()
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate row shards of possibly different lengths from all processes, in rank order."""
     if not is_distributed():

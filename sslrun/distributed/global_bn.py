@@ -60,6 +60,8 @@ def convert_to_global_bn(module: nn.Module) -> nn.Module:
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
         )
         converted.load_state_dict(module.state_dict())
+        for new, old in zip(converted.parameters(), module.parameters()):
+            new.requires_grad_(old.requires_grad)  # a frozen BN (a momentum teacher's) stays frozen
         converted.train(module.training)
         return converted
     for name, child in module.named_children():

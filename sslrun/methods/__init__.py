@@ -3,6 +3,7 @@
 from sslrun.methods.barlow_twins import BarlowTwins
 from sslrun.methods.base import SSLMethod, StepOutput
 from sslrun.methods.byol import BYOL
+from sslrun.methods.dino import DINO
 from sslrun.methods.mocov2 import MoCoV2
 from sslrun.methods.mocov3 import MoCoV3
 from sslrun.methods.simclr import SimCLR
@@ -17,6 +18,7 @@ METHODS = {
     "simsiam": SimSiam,
     "barlow_twins": BarlowTwins,
     "vicreg": VICReg,
+    "dino": DINO,
 }
 
 __all__ = ["METHODS", "SSLMethod", "StepOutput"]

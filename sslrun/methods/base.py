@@ -29,12 +29,17 @@ class SSLMethod(L.LightningModule):
     num_views: Optional[int] = None  # views a method needs (None: any number)
 
     def __init__(self, backbone: nn.Module, optimizer_cfg, lr_schedule: WarmupCosine,
-                 num_classes: Optional[int], config: Optional[dict] = None):
+                 num_classes: Optional[int], steps_per_epoch: int, config: Optional[dict] = None):
         super().__init__()
         self.save_hyperparameters({"config": config or {}})
         self.backbone = backbone
         self.optimizer_cfg = optimizer_cfg
         self.lr_schedule = lr_schedule
+        self.steps_per_epoch = steps_per_epoch
+        final_wd = optimizer_cfg.final_weight_decay
+        # DINO's weight decay schedule: cosine from weight_decay to final_weight_decay (null: constant).
+        self.weight_decay_schedule = None if final_wd is None else WarmupCosine(
+            peak=optimizer_cfg.weight_decay, final=final_wd, total_steps=lr_schedule.total_steps)
         self.probe = nn.Linear(backbone.num_features, num_classes) if num_classes else None
         self.epoch_loss = MeanMetric()
 
@@ -78,12 +83,17 @@ class SSLMethod(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """Sets every group's lr for this step: the schedule times the group's `lr_scale`, or the
-        group's `constant_lr` (the probe; SimSiam's predictor)."""
+        group's `constant_lr` (the probe; SimSiam's predictor); and the scheduled weight decay."""
         lr = self.lr_schedule(self.global_step)
+        weight_decay = self.weight_decay_schedule(self.global_step) if self.weight_decay_schedule else None
         for group in self.optimizers().param_groups:
             constant = group.get("constant_lr")
             group["lr"] = constant if constant is not None else lr * group.get("lr_scale", 1.0)
+            if weight_decay is not None and group.get("scheduled_weight_decay"):
+                group["weight_decay"] = weight_decay
         self.log("lr", lr, prog_bar=True)
+        if weight_decay is not None:
+            self.log("weight_decay", weight_decay)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -6,6 +6,7 @@ import timm
 import torch.nn as nn
 
 from sslrun.config import ConfigError
+from sslrun.models.vit import enable_packing
 
 
 class BackboneError(ConfigError):
@@ -28,6 +29,8 @@ def build_backbone(cfg, in_chans: int) -> nn.Module:
     )
     if cfg.small_stem:
         use_small_stem(model, cfg.name)
+    if cfg.attention is not None:
+        enable_packing(model, cfg.attention)
     return model
 
 

@@ -1,8 +1,10 @@
-"""Projection and prediction heads, built from an MLP spec."""
+"""Projection and prediction heads, built from a spec: MLP heads and DINO's prototype head."""
 
 from typing import Optional
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class MLPHead(nn.Sequential):
@@ -35,3 +37,52 @@ class MLPHead(nn.Sequential):
     @classmethod
     def from_spec(cls, in_dim: int, spec) -> "MLPHead":
         return cls(in_dim, spec.out_dim, spec.num_layers, spec.hidden_dim, spec.batch_norm, spec.last_batch_norm)
+
+
+class NormalizedLinear(nn.Module):
+    """A bias-free Linear with weight-normalised rows, w_k = g_k v_k / ||v_k|| (Salimans & Kingma
+    2016): DINO's prototype layer. With `learn_scale=False` g is fixed at 1 (DINO's
+    `norm_last_layer=True`), so the logits are cosines scaled only by the input's norm."""
+
+    def __init__(self, in_dim: int, out_dim: int, learn_scale: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+        self.scale = nn.Parameter(torch.ones(out_dim)) if learn_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.normalize(self.weight, dim=1)
+        if self.scale is not None:
+            weight = weight * self.scale[:, None]
+        return F.linear(x, weight)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Caron et al. 2021, sec. 3.1 and appendix): an MLP (Linear-GELU,
+    `hidden_dim` wide, `num_layers` Linear layers in all) down to a `bottleneck_dim` feature,
+    l2-normalised, then a weight-normalised Linear to `out_dim` prototypes (65536 in the paper)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int, num_layers: int,
+                 norm_last_layer: bool):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers = []
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(d_in, d_out), nn.GELU()]
+        self.mlp = nn.Sequential(*layers[:-1])
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.last_layer = NormalizedLinear(bottleneck_dim, out_dim, learn_scale=not norm_last_layer)
+        self.out_dim = out_dim
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.bottleneck(x))
+
+    @classmethod
+    def from_spec(cls, in_dim: int, spec) -> "DINOHead":
+        return cls(in_dim, spec.out_dim, spec.hidden_dim, spec.bottleneck_dim, spec.num_layers, spec.norm_last_layer)

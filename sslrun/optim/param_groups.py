@@ -25,7 +25,7 @@ def parameter_groups(
         if not param.requires_grad:
             continue
         (no_decay if exclude_bias_and_norm and param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay, "lars_adapt": True}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lars_adapt": True, "scheduled_weight_decay": True}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "lars_adapt": False,
                        "lr_scale": bias_and_norm_lr_scale})

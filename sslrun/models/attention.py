@@ -1,0 +1,185 @@
+"""Block-diagonal attention over a packed sequence, on the best backend the device has.
+
+Multi-crop packs every crop of every image into one token sequence; a token may attend only to
+the tokens of its own crop (its *segment*). Each backend computes exactly that:
+
+    out_i = sum_{j in seg(i)} softmax_j(q_i . k_j / sqrt(d)) v_j
+
+- `xformers`: `memory_efficient_attention` with a `BlockDiagonalMask` (CUDA kernels only).
+- `flex`: torch `flex_attention` with a block mask built from segment ids (compiled).
+- `sdpa`: torch `scaled_dot_product_attention` run once per run of equal-length segments, as a
+  batch with no mask: the same result as the block-diagonal mask, without materialising it.
+- `math`: the dense block-diagonal mask and an explicit softmax; the reference the others are
+  tested against (its mask is O(tokens^2): small inputs only).
+
+`auto` takes the first that runs here: xformers, flex, sdpa on CUDA; sdpa on CPU (flex compiles
+there too, but its CPU kernel is slower than SDPA's and compiling costs a minute).
+"""
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from sslrun.config import ATTENTION_BACKENDS as BACKENDS
+from sslrun.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Segment lengths of a packed sequence, in order (one segment per crop of one image)."""
+
+    lengths: Tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
+
+    @cached_property
+    def runs(self) -> List[Tuple[int, int, int]]:
+        """(first token, segments, length) of each run of consecutive equal-length segments."""
+        runs, start = [], 0
+        for length in self.lengths:
+            if runs and runs[-1][2] == length and runs[-1][0] + runs[-1][1] * length == start:
+                first, count, _ = runs[-1]
+                runs[-1] = (first, count + 1, length)
+            else:
+                runs.append((start, 1, length))
+            start += length
+        return runs
+
+    def segment_ids(self, device) -> torch.Tensor:
+        lengths = torch.tensor(self.lengths, device=device)
+        return torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
+
+    def token_index(self, segments: torch.Tensor) -> torch.Tensor:
+        """Positions in the sequence of the tokens of `segments` (sorted segment numbers)."""
+        lengths = torch.tensor(self.lengths, device=segments.device)
+        starts = torch.cumsum(lengths, 0) - lengths
+        chosen = lengths[segments]
+        offsets = torch.arange(int(chosen.sum()), device=segments.device)
+        offsets -= torch.repeat_interleave(torch.cumsum(chosen, 0) - chosen, chosen)
+        return torch.repeat_interleave(starts[segments], chosen) + offsets
+
+    def subset(self, segments: torch.Tensor) -> "Packing":
+        return Packing(tuple(self.lengths[i] for i in segments.tolist()))
+
+
+def math_attention(q, k, v, packing: Packing) -> torch.Tensor:
+    """q, k, v [1, heads, tokens, dim] -> [1, heads, tokens, dim]."""
+    ids = packing.segment_ids(q.device)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    scores = scores.masked_fill(ids[:, None] != ids[None, :], float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def sdpa_attention(q, k, v, packing: Packing) -> torch.Tensor:
+    outputs = []
+    for first, count, length in packing.runs:
+        def segments(t):  # [1, H, count * length, D] -> [count, H, length, D]
+            part = t[0, :, first:first + count * length]
+            return part.unflatten(1, (count, length)).transpose(0, 1)
+
+        out = F.scaled_dot_product_attention(segments(q), segments(k), segments(v))
+        outputs.append(out.transpose(0, 1).flatten(1, 2))
+    return torch.cat(outputs, dim=1).unsqueeze(0)
+
+
+_compiled_flex = None
+_block_masks: dict = {}
+
+
+def flex_attention(q, k, v, packing: Packing) -> torch.Tensor:
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled():
+        raise ConfigError("backbone.attention=flex: torch's flex_attention has no backward on CPU, so it cannot "
+                          "train here (it can evaluate); use backbone.attention=sdpa or auto on CPU")
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    key = (packing.lengths, q.device)
+    if key not in _block_masks:
+        ids = packing.segment_ids(q.device)
+
+        def same_segment(b, h, q_idx, kv_idx):
+            return ids[q_idx] == ids[kv_idx]
+
+        if len(_block_masks) > 64:
+            _block_masks.clear()
+        _block_masks[key] = create_block_mask(same_segment, None, None, packing.total, packing.total,
+                                              device=q.device)
+    return _compiled_flex(q, k, v, block_mask=_block_masks[key])
+
+
+def xformers_attention(q, k, v, packing: Packing) -> torch.Tensor:
+    from xformers.ops import fmha
+
+    bias = fmha.BlockDiagonalMask.from_seqlens(list(packing.lengths))
+    out = fmha.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+    return out.transpose(1, 2)
+
+
+IMPLEMENTATIONS = {"xformers": xformers_attention, "flex": flex_attention, "sdpa": sdpa_attention,
+                   "math": math_attention}
+
+
+def unavailable_reason(name: str, device: torch.device):
+    """Why backend `name` cannot run on `device` (None when it can)."""
+    if name == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            return "xformers is not installed (pip install 'sslrun[xformers]')"
+        if device.type != "cuda":
+            return f"xformers' memory-efficient kernels need a CUDA device; this run is on {device.type}"
+    if name == "flex":
+        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            return "this torch has no flex_attention"
+        if device.type not in ("cuda", "cpu"):
+            return f"flex_attention does not run on {device.type}"
+    return None
+
+
+def _works(name: str, device: torch.device) -> bool:
+    """A tiny trial call: an installed xformers build may still lack kernels for this GPU."""
+    try:
+        q = torch.randn(1, 1, 8, 16, device=device)
+        IMPLEMENTATIONS[name](q, q, q, Packing((4, 4)))
+        return True
+    except Exception as error:  # noqa: BLE001 - any failure means: not this backend
+        log.warning("attention backend %s does not run on %s: %s", name, device, error)
+        return False
+
+
+class BlockDiagonalAttention:
+    """The chosen backend, resolved on first use (when the device is known) and then fixed."""
+
+    def __init__(self, name: str):
+        if name not in BACKENDS:
+            raise ConfigError(f"backbone.attention={name}: choose one of: {', '.join(BACKENDS)}")
+        self.requested = name
+        self.name = None  # set by resolve()
+
+    def resolve(self, device: torch.device) -> str:
+        if self.name is not None:
+            return self.name
+        if self.requested == "auto":
+            preference = ("xformers", "flex", "sdpa") if device.type == "cuda" else ("sdpa",)
+            self.name = next(n for n in preference + ("math",)
+                             if unavailable_reason(n, device) is None and _works(n, device))
+            log.info("attention backend: %s (auto, on %s)", self.name, device.type)
+        else:
+            reason = unavailable_reason(self.requested, device)
+            if reason is not None:
+                raise ConfigError(f"backbone.attention={self.requested}: {reason}; use backbone.attention=auto")
+            self.name = self.requested
+        return self.name
+
+    def __call__(self, q, k, v, packing: Packing) -> torch.Tensor:
+        return IMPLEMENTATIONS[self.resolve(q.device)](q, k, v, packing)

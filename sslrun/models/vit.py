@@ -1,0 +1,155 @@
+"""Sequence-packed forward of a timm VisionTransformer over crops of several resolutions.
+
+Each crop is patchified with its own interpolated position embedding (timm's
+`dynamic_img_size`), the tokens of all crops of all images are concatenated into one sequence,
+and the blocks run once with block-diagonal attention (`models.attention`) so a token sees only
+its own crop. The outputs are split back per crop. The backbone stays a plain timm model: its
+weights, `forward` and `forward_features` are untouched, only the way the blocks are called here
+differs.
+
+Stochastic depth is the efficient kind (DINOv2): each residual branch runs on a random subset of
+the segments (whole crops) and its output is scaled by segments / kept, instead of running on all
+of them and zeroing the dropped ones.
+"""
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from sslrun.config import ConfigError
+from sslrun.models.attention import BlockDiagonalAttention, Packing
+
+
+def is_vit(model: nn.Module) -> bool:
+    return all(hasattr(model, n) for n in ("blocks", "patch_embed", "_pos_embed"))
+
+
+def enable_packing(vit: nn.Module, attention: str) -> nn.Module:
+    """Give a timm ViT the attention backend its packed forward uses (`backbone.attention`)."""
+    if not is_vit(vit):
+        raise ConfigError(f"backbone.attention={attention}: {type(vit).__name__} is not a timm VisionTransformer; "
+                          f"set backbone.attention=null, or use a ViT backbone (vit_tiny, vit_small, vit_base, "
+                          f"vit_large, vit_tiny_p4)")
+    for block in vit.blocks:
+        needed = ("norm1", "attn", "ls1", "norm2", "mlp", "ls2")
+        if not all(hasattr(block, n) for n in needed) or not hasattr(block.attn, "qkv"):
+            raise ConfigError(f"backbone.name: {type(block).__name__} blocks cannot be packed; only timm's "
+                              f"pre-norm ViT Block can")
+    if not getattr(vit, "dynamic_img_size", False):
+        raise ConfigError("backbone.timm_kwargs.dynamic_img_size: must be true so crops of every size get their "
+                          "own interpolated position embedding")
+    vit.block_diagonal_attention = BlockDiagonalAttention(attention)
+    return vit
+
+
+def require_packing(model: nn.Module, method: str) -> None:
+    if not hasattr(model, "block_diagonal_attention"):
+        raise ConfigError(f"backbone: method={method} runs multi-crop ViTs; use a ViT backbone with "
+                          f"backbone.attention set (backbone=vit_tiny_p4 for 28-32 px images, vit_small at 224 px)")
+
+
+def crop_tokens(vit: nn.Module, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, C, H, W] -> tokens [B, prefix + patches, D], the input of the first block.
+
+    `mask` [B, patches] (bool) replaces those patch embeddings by `mask_token` before the position
+    embedding is added (iBOT / DINOv2 masked image modelling)."""
+    x = vit.patch_embed(images)
+    if mask is not None:
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        flat = torch.where(mask.unsqueeze(-1), mask_token.to(flat.dtype), flat)
+        x = flat.view_as(x)
+    return vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+
+
+def _drop_rate(block: nn.Module) -> float:
+    return float(getattr(block.drop_path1, "drop_prob", 0.0))
+
+
+def packed_attention(attn: nn.Module, x: torch.Tensor, packing: Packing,
+                     attention: BlockDiagonalAttention) -> torch.Tensor:
+    """timm's Attention module applied to a packed [1, tokens, D] sequence."""
+    tokens = x.shape[1]
+    qkv = attn.qkv(x).reshape(1, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = attention(q, k, v, packing).transpose(1, 2).reshape(1, tokens, -1)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(attn.norm(out)))
+
+
+def residual_on_subset(x: torch.Tensor, packing: Packing, branch, drop_rate: float) -> torch.Tensor:
+    """x + branch(x) with whole segments dropped: the branch runs on the kept ones only."""
+    segments = len(packing.lengths)
+    kept = max(1, int(segments * (1.0 - drop_rate)))
+    chosen = torch.randperm(segments)[:kept].sort().values
+    index = packing.token_index(chosen).to(x.device, non_blocking=True)
+    residual = branch(x[:, index], packing.subset(chosen))
+    return x.index_add(1, index, residual.to(x.dtype), alpha=segments / kept)
+
+
+def packed_block(block: nn.Module, x: torch.Tensor, packing: Packing,
+                 attention: BlockDiagonalAttention) -> torch.Tensor:
+    def attention_branch(t, p):
+        return block.ls1(packed_attention(block.attn, block.norm1(t), p, attention))
+
+    def mlp_branch(t, p):
+        return block.ls2(block.mlp(block.norm2(t)))
+
+    rate = _drop_rate(block)
+    for branch in (attention_branch, mlp_branch):
+        if block.training and rate > 0:
+            x = residual_on_subset(x, packing, branch, rate)
+        else:
+            x = x + branch(x, packing)
+    return x
+
+
+def packed_forward(vit: nn.Module, crops: Sequence[torch.Tensor],
+                   masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                   mask_token: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """Run `crops` (each [B, C, H, W], any mix of sizes) through `vit` as one packed sequence.
+
+    Returns the final-norm tokens per crop, [B, prefix + patches, D] each, in input order. The
+    attention backend is the one `enable_packing` gave the model."""
+    attention = vit.block_diagonal_attention
+    masks = masks or [None] * len(crops)
+    tokens = [crop_tokens(vit, images, mask, mask_token) for images, mask in zip(crops, masks)]
+    packing = Packing(tuple(t.shape[1] for t in tokens for _ in range(t.shape[0])))
+    x = torch.cat([t.flatten(0, 1) for t in tokens]).unsqueeze(0)
+    for block in vit.blocks:
+        x = packed_block(block, x, packing, attention)
+    x = vit.norm(x)[0]
+    sizes = [t.shape[0] * t.shape[1] for t in tokens]
+    return [part.view(t.shape[0], t.shape[1], -1) for part, t in zip(x.split(sizes), tokens)]
+
+
+def grouped_forward(vit: nn.Module, crops: Sequence[torch.Tensor],
+                    masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                    mask_token: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """The unpacked way (DINO's reference code): one forward per run of same-size crops, batched.
+
+    A run of equal-length segments is exactly a batch, so this is `packed_forward` per group.
+    Masks, when given, are given for every crop of a group or for none."""
+    masks = list(masks or [None] * len(crops))
+    outputs, start = [], 0
+    while start < len(crops):
+        end = start + 1
+        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+            end += 1
+        group_masks = masks[start:end]
+        batch_mask = [torch.cat(group_masks)] if group_masks[0] is not None else None
+        out = packed_forward(vit, [torch.cat(crops[start:end])], batch_mask, mask_token)[0]
+        outputs.extend(out.chunk(end - start))
+        start = end
+    return outputs
+
+
+def class_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens[:, 0]
+
+
+def patch_tokens(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return tokens[:, vit.num_prefix_tokens:]

@@ -1,0 +1,227 @@
+"""DINO: losses against direct computations, the head, the teacher, and 2 processes == 1."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from sslrun.config import ConfigError, compose
+from sslrun.distributed import all_reduce_sum, gather_rows
+from sslrun.losses import (
+    centered_teacher_probs, dino_loss, entropy, ibot_patch_loss, koleo_loss, mean_over_batch, sinkhorn_knopp,
+    update_center,
+)
+from sslrun.models.heads import DINOHead
+from sslrun.optim import WarmupCosine
+from sslrun.train import build_method
+from tests.distributed_utils import run_in_processes
+
+K = 12
+
+
+def test_dino_loss_is_the_mean_cross_entropy_over_pairs_of_different_crops():
+    g = torch.Generator().manual_seed(0)
+    students = [torch.randn(5, K, generator=g) for _ in range(4)]  # 2 global + 2 local
+    teachers = [torch.softmax(torch.randn(5, K, generator=g), dim=-1) for _ in range(2)]
+    total, pairs = 0.0, 0
+    for t in range(2):
+        for s in range(4):
+            if s != t:
+                for b in range(5):
+                    q = torch.exp(students[s][b]) / torch.exp(students[s][b]).sum()
+                    total += -(teachers[t][b] * torch.log(q)).sum().item() / 5
+                pairs += 1
+    assert pairs == 6
+    assert dino_loss(students, teachers).item() == pytest.approx(total / pairs, rel=1e-5)
+
+
+def test_centering_sharpening_and_center_update():
+    g = torch.Generator().manual_seed(1)
+    logits, center = torch.randn(6, K, generator=g), torch.randn(1, K, generator=g)
+    expected = torch.exp((logits.double() - center.double()) / 0.04)
+    expected /= expected.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(centered_teacher_probs(logits, center, 0.04), expected.float())
+    torch.testing.assert_close(update_center(center, logits.mean(0, keepdim=True), 0.9),
+                               0.9 * center + 0.1 * logits.mean(0, keepdim=True))
+    assert (centered_teacher_probs(logits, center, 0.04).max(1).values
+            > centered_teacher_probs(logits, center, 1.0).max(1).values).all()  # lower temperature: sharper
+
+
+def test_entropy_is_log_k_for_uniform_and_zero_for_one_hot():
+    assert entropy(torch.full((3, K), 1 / K)).item() == pytest.approx(math.log(K))
+    assert entropy(F.one_hot(torch.tensor([1, 4]), K).float()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sinkhorn_knopp_makes_both_marginals_uniform():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(16, 8, generator=g) * 0.5
+    q = sinkhorn_knopp(logits, temperature=0.1, iterations=200)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(16))  # each sample: a distribution
+    torch.testing.assert_close(q.sum(dim=0), torch.full((8,), 16 / 8), atol=1e-3, rtol=1e-3)  # B / K each
+    three = sinkhorn_knopp(logits, temperature=0.1, iterations=3)
+    softmax = torch.softmax(logits / 0.1, dim=1)
+    assert (three.sum(0) - 2).abs().max() < (softmax.sum(0) - 2).abs().max()  # 3 rounds already even it out
+    torch.testing.assert_close(three.sum(dim=1), torch.ones(16))
+
+
+def test_sinkhorn_knopp_three_iterations_by_hand():
+    logits = torch.tensor([[1.0, 0.0, 0.5], [0.2, 0.3, 0.1]])
+    q = torch.exp(logits / 0.5).t()
+    q = q / q.sum()
+    for _ in range(3):
+        q = q / q.sum(1, keepdim=True) / 3
+        q = q / q.sum(0, keepdim=True) / 2
+    torch.testing.assert_close(sinkhorn_knopp(logits, 0.5, 3), (q * 2).t())
+
+
+def test_koleo_is_minus_mean_log_nearest_neighbour_distance():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, generator=g)
+    unit = x / x.norm(dim=1, keepdim=True)
+    expected = 0.0
+    for i in range(6):
+        expected -= math.log(min((unit[i] - unit[j]).norm().item() for j in range(6) if j != i)) / 6
+    assert koleo_loss(x).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_ibot_loss_counts_masked_patches_only():
+    g = torch.Generator().manual_seed(4)
+    student = torch.randn(2, 5, K, generator=g)
+    teacher = torch.softmax(torch.randn(2, 5, K, generator=g), dim=-1)
+    masks = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 1, 0]], dtype=torch.bool)
+    ce = -(teacher * torch.log_softmax(student, -1)).sum(-1)
+    expected = ((ce[0, 0] + ce[0, 2]) / 2 + ce[1, 3]) / 2
+    assert ibot_patch_loss(student, teacher, masks).item() == pytest.approx(expected.item(), rel=1e-5)
+    changed = student.clone()
+    changed[~masks] = torch.randn(int((~masks).sum()), K)
+    assert ibot_patch_loss(changed, teacher, masks).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_dino_head_shapes_and_normalised_prototypes():
+    head = DINOHead(in_dim=16, out_dim=K, hidden_dim=32, bottleneck_dim=8, num_layers=3, norm_last_layer=True)
+    x = torch.randn(5, 16)
+    logits = head(x)
+    assert logits.shape == (5, K)
+    assert logits.abs().max() <= 1 + 1e-6  # unit bottleneck . unit prototype = a cosine
+    assert head.last_layer.scale is None
+    with torch.no_grad():
+        head.last_layer.weight.mul_(7.0)  # the prototypes' norms do not matter
+    torch.testing.assert_close(head(x), logits)
+    assert sum(isinstance(m, torch.nn.Linear) for m in head.mlp) == 3
+    learned = DINOHead(16, K, 32, 8, 3, norm_last_layer=False)
+    assert learned.last_layer.scale is not None and learned.last_layer.scale.requires_grad
+
+
+# ---------------------------------------------------------------------------- the method
+def tiny_dino_cfg(*extra):
+    return compose(["method=dino", "recipe=none", "backbone=vit_tiny_p4", "backbone.timm_kwargs.depth=2",
+                    "backbone.attention=math", "data.image_size=16", "method.head.hidden_dim=32",
+                    "method.head.bottleneck_dim=16", "method.head.out_dim=24", "augmentation=dino_small",
+                    *extra])
+
+
+def tiny_dino(*extra):
+    torch.manual_seed(0)
+    return build_method(tiny_dino_cfg(*extra), WarmupCosine(peak=1e-3, total_steps=20), None, steps_per_epoch=10)
+
+
+def dino_views(n=8, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 1, 16, 16, generator=g) for _ in range(2)] + \
+           [torch.randn(n, 1, 12, 12, generator=g) for _ in range(10)]
+
+
+def test_teacher_sees_only_global_crops_and_gets_no_gradient():
+    method = tiny_dino()
+    seen = []
+    backbone = method.teacher.encoder[0]
+    original = backbone.patch_embed.forward
+    backbone.patch_embed.forward = lambda x: seen.append(x.shape[-1]) or original(x)
+    out = method.training_loss({"views": dino_views()})
+    out.loss.backward()
+    assert seen == [16, 16]
+    assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
+    assert all(p.grad is not None for p in method.backbone.parameters() if p.requires_grad)
+    assert {"teacher_entropy", "teacher_student_kl", "teacher_temperature", "momentum"} <= set(out.metrics)
+    kl = out.metrics["teacher_student_kl"]
+    assert kl >= -1e-5 and out.metrics["teacher_entropy"] <= math.log(24) + 1e-5
+
+
+def test_center_moves_towards_the_teacher_batch_mean():
+    method = tiny_dino()
+    views = dino_views()
+    backbone, head = method.teacher.encoder
+    with torch.no_grad():
+        tokens = [backbone.forward_features(v) for v in views[:2]]
+        logits = head(torch.cat([t[:, 0] for t in tokens]))
+    method.training_loss({"views": views})
+    torch.testing.assert_close(method.center, 0.1 * logits.mean(0, keepdim=True), atol=1e-5, rtol=1e-4)
+
+
+def test_teacher_temperature_warms_up_linearly_then_stays():
+    method = tiny_dino("method.warmup_teacher_temperature_epochs=1")  # 10 steps
+    temps = [method.teacher_temperature(s) for s in (0, 5, 10, 50)]
+    assert temps == pytest.approx([0.04, 0.055, 0.07, 0.07])
+
+
+def test_last_layer_is_frozen_for_the_first_epoch_only():
+    method = tiny_dino("method.freeze_last_layer_epochs=0.5")  # 5 steps
+    method.training_loss({"views": dino_views()}).loss.backward()
+    method.on_before_optimizer_step(None)  # global_step 0
+    assert method.head.last_layer.weight.grad is None
+    assert method.head.mlp[0].weight.grad is not None
+
+
+def test_packed_and_grouped_methods_give_the_same_loss():
+    views = dino_views()
+    packed = tiny_dino().training_loss({"views": views}).loss
+    grouped = tiny_dino("method.pack_crops=false").training_loss({"views": views}).loss
+    assert packed.item() == pytest.approx(grouped.item(), rel=1e-5)
+
+
+def test_global_crops_must_lead_the_augmentation():
+    with pytest.raises(ConfigError, match="method.global_crops=3: the first 3 crops must share one size"):
+        tiny_dino_cfg("method.global_crops=3")
+    with pytest.raises(ConfigError, match="backbone: method=dino runs multi-crop ViTs"):
+        build_method(compose(["method=dino", "recipe=none", "backbone=resnet18", "augmentation=dino_small",
+                              "data.image_size=16"]), WarmupCosine(peak=1e-3, total_steps=20), None, 10)
+
+
+def _dino_on_two_processes(rank, world, out):
+    method = tiny_dino()
+    views = [v[rank * 4:(rank + 1) * 4] for v in dino_views()]
+    results = []
+    for _ in range(2):  # the second step uses the center of the first, a global-batch statistic
+        loss = method.training_loss({"views": views}).loss
+        results.append(gather_rows(loss.detach()[None]).mean())
+    method.zero_grad()
+    loss.backward()
+    grads = {}
+    for n, p in method.named_parameters():
+        if p.grad is not None:
+            grads[n] = all_reduce_sum(p.grad) / world
+    targets = gather_rows(sinkhorn_knopp(views[0].flatten(1)[:, :K] * 3, 0.5, 3, all_reduce_sum))
+    if rank == 0:
+        torch.save({"losses": results, "center": method.center, "grads": grads, "sk": targets}, out)
+
+
+def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
+    """Centering and Sinkhorn-Knopp are global-batch statistics: 2 x 4 images == 1 x 8."""
+    out = tmp_path / "dino.pt"
+    run_in_processes(_dino_on_two_processes, 2, out)
+    got = torch.load(out)
+    method = tiny_dino()
+    views = dino_views()
+    for step in range(2):
+        loss = method.training_loss({"views": views}).loss
+        assert got["losses"][step].item() == pytest.approx(loss.item(), rel=1e-5)
+    torch.testing.assert_close(got["center"], method.center, atol=1e-6, rtol=1e-5)
+    method.zero_grad()
+    loss.backward()
+    for n, p in method.named_parameters():
+        if p.grad is not None:
+            error = (got["grads"][n] - p.grad).abs().max()
+            assert error <= 1e-4 * p.grad.abs().max() + 1e-7, n
+    torch.testing.assert_close(got["sk"], sinkhorn_knopp(views[0].flatten(1)[:, :K] * 3, 0.5, 3))

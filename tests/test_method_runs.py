@@ -1,0 +1,96 @@
+"""Every method end to end on the embedded data, on 2 CPU processes; and SimSiam's collapse result."""
+
+import pytest
+
+from tests.conftest import column, needs_fashion_mnist, read_metrics, read_summary, run_cli
+
+pytestmark = [pytest.mark.slow, needs_fashion_mnist]
+
+SMALL = [
+    "backbone.timm_kwargs={channels:[16,32,64,128]}",
+    "data.batch_size=64",
+    "data.num_workers=0",
+    "eval.knn.bank_size=1000",
+    "eval.knn.query_size=500",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "scheduler.warmup_epochs=0.01",
+]
+# Heads scaled to the 128-d toy backbone; MoCo v2's queue fills within 4 steps.
+HEADS = {
+    "simclr": ["method.projector.hidden_dim=256", "method.projector.out_dim=64"],
+    "mocov2": ["method.queue_size=256"],
+    "mocov3": ["method.projector.hidden_dim=256", "method.predictor_mlp.hidden_dim=256"],
+    "byol": ["method.projector.hidden_dim=256", "method.predictor_mlp.hidden_dim=256"],
+    "simsiam": ["method.projector.out_dim=256", "method.predictor_mlp.hidden_dim=64",
+                "method.predictor_mlp.out_dim=256"],
+    "barlow_twins": ["method.projector.hidden_dim=512", "method.projector.out_dim=512"],
+    "vicreg": ["method.projector.hidden_dim=512", "method.projector.out_dim=512"],
+}
+
+
+def not_collapsed(summary) -> bool:
+    return (summary["embedding_std"] / summary["embedding_std_healthy"] > 0.25
+            and summary["effective_rank"] > 4)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_method_learns_on_two_cpu_processes(name, tmp_path):
+    steps = 30
+    run_cli(f"method={name}", *SMALL, *HEADS[name], "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+            f"trainer.max_steps={steps}", f"hydra.run.dir={tmp_path}")
+    summary = read_summary(tmp_path)
+    assert summary["method"] == name and summary["world_size"] == 2 and summary["global_step"] == steps
+    assert summary["knn_top1"] > summary["knn_top1_random_init"] + 0.1, summary
+    assert not_collapsed(summary), summary
+    losses = [v for _, v in column(read_metrics(tmp_path), "train/loss")]
+    after_warmup, last = losses[5:10], losses[-5:]  # MoCo v2's queue holds real keys from step 4
+    assert sum(last) / 5 < sum(after_warmup) / 5, losses
+
+
+def test_simsiam_collapses_without_stop_gradient_and_not_with_it(tmp_path):
+    """SimSiam's fig. 2 on the embedded data: the same run, only method.stop_gradient differs.
+
+    The projector ends in BN (as in the paper), so a collapsed representation cannot shrink to one
+    point: it collapses to about one dimension (effective rank -> 1) with the loss at its minimum
+    of -1, and the normalised std falls far below 1/sqrt(d). With the stop-gradient it stays
+    spread (std about 1/sqrt(d)) and the loss stays well above -1."""
+    common = ["method=simsiam", "backbone.timm_kwargs={channels:[8,16,32,64]}", "data.batch_size=256",
+              "data.num_workers=0", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
+              *HEADS["simsiam"], "trainer.max_steps=100", "eval.enabled=false", "optimizer.base_lr=0.8",
+              "scheduler.warmup_epochs=0", "scheduler.final_lr_ratio=1.0"]
+    last = {}
+    for stop_gradient in (True, False):
+        run_dir = tmp_path / f"stop_gradient_{stop_gradient}"
+        run_cli(*common, f"method.stop_gradient={stop_gradient}", f"hydra.run.dir={run_dir}")
+        rows = read_metrics(run_dir)
+        last[stop_gradient] = {name: sum(v for _, v in column(rows, name)[-20:]) / 20
+                               for name in ("collapse/std_sqrt_d", "collapse/effective_rank", "train/loss")}
+    healthy, collapsed = last[True], last[False]
+    assert healthy["collapse/std_sqrt_d"] > 0.6 and healthy["collapse/effective_rank"] > 4, last
+    assert healthy["train/loss"] > -0.8, last
+    assert collapsed["collapse/effective_rank"] < 2 and collapsed["train/loss"] < -0.95, last
+    assert collapsed["collapse/std_sqrt_d"] < 0.4 * healthy["collapse/std_sqrt_d"], last
+
+
+def test_mocov3_trains_a_vit_with_a_frozen_patch_projection(tmp_path):
+    import lightning as L
+    import torch
+
+    from sslrun.config import compose
+    from sslrun.optim import WarmupCosine
+    from sslrun.train import build_method
+
+    overrides = ["method=mocov3_vit", "backbone=vit_tiny_p4", "+backbone.timm_kwargs.depth=4", *SMALL[1:],
+                 "method.projector.hidden_dim=256", "method.predictor_mlp.hidden_dim=256", "trainer.max_steps=20"]
+    run_cli(*overrides, f"hydra.run.dir={tmp_path}")
+    summary = read_summary(tmp_path)
+    assert summary["backbone"] == "vit_tiny_patch16_224" and summary["global_step"] == 20
+    assert summary["knn_top1"] > summary["knn_top1_random_init"], summary
+    assert not_collapsed(summary), summary
+
+    L.seed_everything(0)  # the run's seed: the same initial weights
+    initial = build_method(compose(overrides), WarmupCosine(peak=1.0, total_steps=1), None, 1).state_dict()
+    trained = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(trained["backbone.patch_embed.proj.weight"], initial["backbone.patch_embed.proj.weight"])
+    assert not torch.equal(trained["backbone.blocks.0.attn.qkv.weight"], initial["backbone.blocks.0.attn.qkv.weight"])
