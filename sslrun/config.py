@@ -151,6 +151,26 @@ class DINOConfig:
     head: DINOHeadSpec = field(default_factory=DINOHeadSpec)
 
 
+@dataclass
+class IBOTConfig:
+    loss_weight: float = MISSING
+    mask_ratio: List[float] = MISSING
+    mask_probability: float = MISSING
+    separate_head: bool = MISSING
+    head: DINOHeadSpec = field(default_factory=DINOHeadSpec)
+
+
+@dataclass
+class DINOv2Config(DINOConfig):
+    centering: str = MISSING
+    sinkhorn_iterations: int = MISSING
+    dino_weight: float = MISSING
+    koleo_weight: float = MISSING
+    layerwise_lr_decay: float = MISSING
+    patch_embed_lr_mult: float = MISSING
+    ibot: IBOTConfig = field(default_factory=IBOTConfig)
+
+
 METHODS: Dict[str, type] = {
     "simclr": SimCLRConfig,
     "mocov2": MoCoV2Config,
@@ -160,6 +180,7 @@ METHODS: Dict[str, type] = {
     "barlow_twins": BarlowTwinsConfig,
     "vicreg": VICRegConfig,
     "dino": DINOConfig,
+    "dinov2": DINOv2Config,
 }
 
 
@@ -578,8 +599,23 @@ def _check_values(cfg: DictConfig) -> None:
     for key in ("student_temperature", "teacher_temperature", "warmup_teacher_temperature"):
         if key in m:
             _require(m[key] > 0, f"method.{key}={m[key]}: must be positive")
+    if "centering" in m:
+        _require(m.centering in ("sinkhorn_knopp", "center"),
+                 f"method.centering={m.centering}: choose one of: sinkhorn_knopp, center")
+        _require(len(m.ibot.mask_ratio) == 2 and 0 < m.ibot.mask_ratio[0] <= m.ibot.mask_ratio[1] < 1,
+                 f"method.ibot.mask_ratio={list(m.ibot.mask_ratio)}: need [low, high] with 0 < low <= high < 1")
+        _require(0 < m.ibot.mask_probability <= 1,
+                 f"method.ibot.mask_probability={m.ibot.mask_probability}: must be in (0, 1]")
+        _require(0 < m.layerwise_lr_decay <= 1,
+                 f"method.layerwise_lr_decay={m.layerwise_lr_decay}: must be in (0, 1]")
     if "center_momentum" in m:
         _require(0 <= m.center_momentum <= 1, f"method.center_momentum={m.center_momentum}: must be in [0, 1]")
+    patch = cfg.backbone.timm_kwargs.get("patch_size")
+    if cfg.backbone.attention is not None and isinstance(patch, int):
+        for i, view in enumerate(cfg.augmentation.views):
+            _require(view.size % patch == 0,
+                     f"augmentation.views.{i}.size={view.size}: must be a multiple of the ViT's patch size "
+                     f"(backbone.timm_kwargs.patch_size={patch})")
     _require(cfg.backbone.attention is None or cfg.backbone.attention in ATTENTION_BACKENDS,
              f"backbone.attention={cfg.backbone.attention}: choose one of: {', '.join(ATTENTION_BACKENDS)}")
 

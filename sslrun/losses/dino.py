@@ -66,14 +66,16 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
 
 def ibot_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """iBOT's masked-image loss: cross-entropy between teacher and student patch distributions at
-    the masked positions only, averaged per image over its masked patches, then over images:
+    the masked positions only, averaged per image over its masked patches, then over all images:
 
         L = 1/B sum_b 1/|M_b| sum_{i in M_b} H(P_t(b, i), P_s(b, i))
 
-    `student_logits` [B, N, K] (already divided by the student temperature), `teacher_probs`
-    [B, N, K], `masks` [B, N] bool. Images without masked patches contribute 0."""
+    `student_logits` (already divided by the student temperature) and `teacher_probs` are [M, K]
+    for the M masked patches in the order of `masks.nonzero()`; `masks` [B, N] bool. Images
+    without masked patches count in B and contribute 0."""
     per_patch = torch.sum(-teacher_probs * F.log_softmax(student_logits.float(), dim=-1), dim=-1)
-    weights = masks.float() / masks.sum(dim=-1, keepdim=True).clamp_min(1)
+    image = masks.nonzero()[:, 0]
+    weights = 1.0 / masks.sum(dim=1).clamp_min(1)[image]
     return (per_patch * weights).sum() / masks.shape[0]
 
 
@@ -81,9 +83,12 @@ def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """KoLeo (Sablayrolles et al. 2019): L = -1/n sum_i log(min_{j != i} ||x_i - x_j||) on
     l2-normalised x; it spreads features uniformly over the batch (computed per process)."""
     x = F.normalize(features.float(), dim=-1, eps=eps)
-    distances = torch.cdist(x, x)
-    distances.fill_diagonal_(float("inf"))
-    return -torch.log(distances.min(dim=1).values + eps).mean()
+    with torch.no_grad():  # on the unit sphere the nearest neighbour has the largest dot product
+        dots = x @ x.t()
+        dots.fill_diagonal_(-2.0)
+        nearest = dots.argmax(dim=1)
+    distances = F.pairwise_distance(x, x[nearest], eps=eps)
+    return -torch.log(distances + eps).mean()
 
 
 def mean_over_batch(x: torch.Tensor, all_reduce_sum: Reduce = _identity) -> torch.Tensor:

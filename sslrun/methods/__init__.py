@@ -4,6 +4,7 @@ from sslrun.methods.barlow_twins import BarlowTwins
 from sslrun.methods.base import SSLMethod, StepOutput
 from sslrun.methods.byol import BYOL
 from sslrun.methods.dino import DINO
+from sslrun.methods.dinov2 import DINOv2
 from sslrun.methods.mocov2 import MoCoV2
 from sslrun.methods.mocov3 import MoCoV3
 from sslrun.methods.simclr import SimCLR
@@ -19,6 +20,7 @@ METHODS = {
     "barlow_twins": BarlowTwins,
     "vicreg": VICReg,
     "dino": DINO,
+    "dinov2": DINOv2,
 }
 
 __all__ = ["METHODS", "SSLMethod", "StepOutput"]

@@ -27,10 +27,7 @@ class DINO(SSLMethod):
         self.global_crops = cfg.global_crops
         self.forward_crops = packed_forward if cfg.pack_crops else grouped_forward
         self.head = DINOHead.from_spec(self.backbone.num_features, cfg.head)
-        self.teacher = MomentumEncoder([self.backbone, self.head])
-        for module in self.teacher.modules():  # the teacher never drops paths (DINO's reference code)
-            if isinstance(module, DropPath):
-                module.drop_prob = 0.0
+        self.teacher = self.momentum_teacher()
         self.register_buffer("center", torch.zeros(1, cfg.head.out_dim))
         self.student_temperature = cfg.student_temperature
         self.center_momentum = cfg.center_momentum
@@ -40,6 +37,17 @@ class DINO(SSLMethod):
         self.momentum = WarmupCosine(peak=cfg.momentum, final=cfg.final_momentum,
                                      total_steps=self.lr_schedule.total_steps)
         self.freeze_last_layer_steps = round(cfg.freeze_last_layer_epochs * self.steps_per_epoch)
+
+    def student_modules(self):
+        """What the teacher averages, in order."""
+        return [self.backbone, self.head]
+
+    def momentum_teacher(self) -> MomentumEncoder:
+        teacher = MomentumEncoder(self.student_modules())
+        for module in teacher.modules():  # the teacher never drops paths (DINO's reference code)
+            if isinstance(module, DropPath):
+                module.drop_prob = 0.0
+        return teacher
 
     def teacher_targets(self, global_views) -> torch.Tensor:
         """Centred, sharpened teacher distributions [crops, B, K]; updates the center."""
@@ -71,8 +79,10 @@ class DINO(SSLMethod):
         """The prototypes stay fixed for the first `freeze_last_layer_epochs` (sec. 3.1 / appendix):
         learning them from the start makes training unstable."""
         if self.global_step < self.freeze_last_layer_steps:
-            for param in self.head.last_layer.parameters():
-                param.grad = None
+            for head in self.student_modules():
+                if isinstance(head, DINOHead):
+                    for param in head.last_layer.parameters():
+                        param.grad = None
 
     def after_optimizer_step(self) -> None:
-        self.teacher.update([self.backbone, self.head], self.momentum(self.global_step))
+        self.teacher.update(self.student_modules(), self.momentum(self.global_step))

@@ -32,6 +32,39 @@ def parameter_groups(
     return [g for g in groups if g["params"]]
 
 
+def vit_layer(name: str, num_blocks: int) -> int:
+    """Depth of a ViT parameter for layer-wise lr decay (BEiT, sec. 2.6): patch embedding and
+    tokens 0, block i is i + 1, everything after the blocks (final norm, heads) num_blocks + 1."""
+    parts = name.split(".")
+    if "blocks" in parts:
+        return int(parts[parts.index("blocks") + 1]) + 1
+    if any(key in name for key in ("patch_embed", "cls_token", "reg_token", "pos_embed", "mask_token")):
+        return 0
+    return num_blocks + 1
+
+
+def layerwise_groups(named_parameters: Iterable[Tuple[str, nn.Parameter]], num_blocks: int, decay: float,
+                     patch_embed_lr_mult: float, weight_decay: float, exclude_bias_and_norm: bool) -> List[dict]:
+    """DINOv2's parameter groups: lr scaled by decay ** (num_blocks + 1 - layer) (layer-wise lr
+    decay), times `patch_embed_lr_mult` for the patch embedding; no weight decay for biases, norm
+    and layer-scale parameters (the <= 1-dimensional ones). Parameters with equal settings share a
+    group."""
+    groups = {}
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        lr_scale = decay ** (num_blocks + 1 - vit_layer(name, num_blocks))
+        if "patch_embed" in name:
+            lr_scale *= patch_embed_lr_mult
+        decayed = not (exclude_bias_and_norm and param.ndim <= 1)
+        key = (lr_scale, decayed)
+        if key not in groups:
+            groups[key] = {"params": [], "lr_scale": lr_scale, "weight_decay": weight_decay if decayed else 0.0,
+                           "lars_adapt": decayed, "scheduled_weight_decay": decayed}
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
 def build_optimizer(cfg, groups: List[dict], lr: float) -> torch.optim.Optimizer:
     """The optimizer `cfg.name` names. Groups may carry their own lr (e.g. the probe's); keys other
     optimizers do not know (lars_adapt) are kept in their groups and ignored."""

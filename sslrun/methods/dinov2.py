@@ -1,0 +1,106 @@
+"""DINOv2 (Oquab et al. 2023, "DINOv2: Learning Robust Visual Features without Supervision")."""
+
+import random
+
+import torch
+import torch.nn as nn
+
+from sslrun.data.masking import batch_masks
+from sslrun.distributed import all_reduce_sum, rank
+from sslrun.losses import (
+    centered_teacher_probs, dino_loss, entropy, ibot_patch_loss, koleo_loss, mean_over_batch, sinkhorn_knopp,
+    update_center,
+)
+from sslrun.methods.dino import DINO
+from sslrun.methods.base import StepOutput
+from sslrun.models.heads import DINOHead
+from sslrun.models.vit import class_tokens, patch_tokens
+from sslrun.optim import layerwise_groups
+
+
+class DINOv2(DINO):
+    """DINO's image-level loss on class tokens, plus:
+
+    - iBOT: the student's global crops have block-wise masked patches (a learned mask token in
+      their place); at the masked positions its patch outputs (`ibot` head, or the DINO head when
+      `ibot.separate_head=false`) match the teacher's on the unmasked crop (`losses.ibot_patch_loss`);
+    - KoLeo on the student's class tokens of each global crop (`losses.koleo_loss`);
+    - teacher targets by Sinkhorn-Knopp over the global batch (`centering=sinkhorn_knopp`, the
+      default) or DINO's centring (`centering=center`);
+    - layer-wise lr decay and a patch-embedding lr multiplier (`optimizer_groups`).
+
+    loss = dino_weight * L_dino + ibot.loss_weight * L_ibot + koleo_weight * L_koleo."""
+
+    def __init__(self, cfg, **base):
+        super().__init__(cfg, **base)
+        self.cfg = cfg
+        width = self.backbone.num_features
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        if cfg.ibot.separate_head:
+            self.ibot_head = DINOHead.from_spec(width, cfg.ibot.head)
+            self.teacher = self.momentum_teacher()
+        self.register_buffer("ibot_center", torch.zeros(1, self.student_modules()[-1].out_dim))
+        self.grid = self.backbone.patch_embed.dynamic_feat_size(self.backbone.patch_embed.img_size)
+
+    def student_modules(self):
+        """[backbone, DINO head, iBOT head when separate]: the last one is iBOT's."""
+        separate = self._modules.get("ibot_head")
+        return [self.backbone, self.head] + ([separate] if separate is not None else [])
+
+    def _teacher_probs(self, logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Targets from teacher logits; updates `center` when DINO centring is used."""
+        if self.cfg.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, temperature, self.cfg.sinkhorn_iterations, all_reduce_sum)
+        probs = centered_teacher_probs(logits, center, temperature)
+        center.copy_(update_center(center, mean_over_batch(logits, all_reduce_sum), self.center_momentum))
+        return probs
+
+    def masks(self, batch: int, device) -> torch.Tensor:
+        """Block-wise masks [global crops * B, patches] (DINOv2's rule, per process)."""
+        rng = random.Random(int(torch.randint(2**31 - 1, (1,))) + rank())
+        return torch.cat([batch_masks(batch, self.grid, self.cfg.ibot.mask_ratio, self.cfg.ibot.mask_probability, rng)
+                          for _ in range(self.global_crops)]).to(device)
+
+    def training_loss(self, batch: dict) -> StepOutput:
+        views = batch["views"]
+        globals_, batch_size = views[: self.global_crops], views[0].shape[0]
+        masks = self.masks(batch_size, views[0].device)
+        temperature = self.teacher_temperature(self.global_step)
+
+        with torch.no_grad():
+            backbone, head, ibot_head = self.teacher.encoder[0], self.teacher.encoder[1], self.teacher.encoder[-1]
+            tokens = self.forward_crops(backbone, globals_)
+            dino_logits = head(torch.cat([class_tokens(t) for t in tokens])).float()
+            patches = torch.cat([patch_tokens(backbone, t) for t in tokens])
+            ibot_logits = ibot_head(patches[masks]).float()
+            dino_targets = self._teacher_probs(dino_logits, self.center, temperature)
+            ibot_targets = self._teacher_probs(ibot_logits, self.ibot_center, temperature)
+
+        crop_masks = list(masks.chunk(self.global_crops)) + [None] * (len(views) - self.global_crops)
+        tokens = self.forward_crops(self.backbone, views, crop_masks, self.mask_token)
+        classes = torch.cat([class_tokens(t) for t in tokens])
+        student = (self.head(classes).float() / self.student_temperature).chunk(len(views))
+        dino = dino_loss(student, dino_targets.unflatten(0, (self.global_crops, -1)))
+        student_patches = torch.cat([patch_tokens(self.backbone, t) for t in tokens[: self.global_crops]])
+        ibot_student = self.student_modules()[-1](student_patches[masks]).float() / self.student_temperature
+        ibot = ibot_patch_loss(ibot_student, ibot_targets, masks)
+        global_classes = classes[: self.global_crops * batch_size]
+        koleo = sum(koleo_loss(c) for c in global_classes.chunk(self.global_crops))
+        loss = self.cfg.dino_weight * dino + self.cfg.ibot.loss_weight * ibot + self.cfg.koleo_weight * koleo
+
+        teacher_entropy = entropy(dino_targets)
+        first = classes[:batch_size]
+        return StepOutput(loss, first, first, {
+            "dino_loss": dino.detach(), "ibot_loss": ibot.detach(), "koleo_loss": koleo.detach(),
+            "teacher_entropy": teacher_entropy.detach(),
+            "teacher_student_kl": dino.detach() - teacher_entropy.detach(),
+            "masked_patches": masks.float().mean(),
+            "teacher_temperature": torch.tensor(temperature),
+            "momentum": torch.tensor(self.momentum(self.global_step)),
+        })
+
+    def optimizer_groups(self):
+        named = [(n, p) for n, p in self.named_parameters() if not n.startswith("probe.")]
+        cfg = self.optimizer_cfg
+        return layerwise_groups(named, len(self.backbone.blocks), self.cfg.layerwise_lr_decay,
+                                self.cfg.patch_embed_lr_mult, cfg.weight_decay, cfg.exclude_bias_and_norm)
