@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from sslrun.config import ConfigError, compose
 from sslrun.distributed import all_reduce_sum, gather_rows
 from sslrun.losses import (
-    centered_teacher_probs, dino_loss, entropy, ibot_patch_loss, koleo_loss, mean_over_batch, sinkhorn_knopp,
+    centered_teacher_probs, dino_loss, entropy, ibot_patch_loss, koleo_loss, sinkhorn_knopp,
     update_center,
 )
 from sslrun.models.heads import DINOHead
