@@ -171,6 +171,11 @@ class DINOv2Config(DINOConfig):
     ibot: IBOTConfig = field(default_factory=IBOTConfig)
 
 
+@dataclass
+class DINOv2DistillConfig(DINOv2Config):
+    teacher_run: str = MISSING  # run directory of a trained method=dinov2 run
+
+
 METHODS: Dict[str, type] = {
     "simclr": SimCLRConfig,
     "mocov2": MoCoV2Config,
@@ -181,6 +186,7 @@ METHODS: Dict[str, type] = {
     "vicreg": VICRegConfig,
     "dino": DINOConfig,
     "dinov2": DINOv2Config,
+    "dinov2_distill": DINOv2DistillConfig,
 }
 
 
@@ -427,6 +433,39 @@ def validate(cfg: DictConfig) -> DictConfig:
     return typed
 
 
+def teacher_run_files(run_dir) -> tuple:
+    """(config, checkpoint) of a finished run: <run>/.hydra/config.yaml, <run>/checkpoints/last.ckpt."""
+    run_dir = Path(run_dir)
+    return run_dir / ".hydra" / "config.yaml", run_dir / "checkpoints" / "last.ckpt"
+
+
+def _teacher_problem(cfg: DictConfig) -> str:
+    """The problem with `method.teacher_run` for this student config, in one line, or ''."""
+    config_path, checkpoint_path = teacher_run_files(cfg.method.teacher_run)
+    where = f"method.teacher_run={cfg.method.teacher_run}"
+    if not config_path.is_file() or not checkpoint_path.is_file():
+        return (f"{where}: no finished run there (needs {config_path} and {checkpoint_path}); "
+                f"point it at the run directory of a trained method=dinov2 run")
+    teacher = OmegaConf.load(config_path)
+    if teacher.method.name != "dinov2":
+        return f"{where}: that run trained method={teacher.method.name}; the teacher must be a dinov2 run"
+    checks = [
+        ("backbone.timm_kwargs.patch_size", lambda c: c.backbone.timm_kwargs.get("patch_size")),
+        ("data.image_size", lambda c: c.data.image_size),
+        ("method.head.out_dim", lambda c: c.method.head.out_dim),
+    ]
+    for key, value in checks:
+        if value(cfg) != value(teacher):
+            return (f"{key}={value(cfg)}: the teacher at {cfg.method.teacher_run} has {value(teacher)}; "
+                    f"set {key}={value(teacher)}")
+    ibot = [(c.method.ibot.head if c.method.ibot.separate_head else c.method.head).out_dim for c in (cfg, teacher)]
+    if ibot[0] != ibot[1]:
+        return (f"method.ibot: the student's iBOT head has {ibot[0]} prototypes, the teacher's at "
+                f"{cfg.method.teacher_run} {ibot[1]}; set method.ibot.separate_head=true "
+                f"method.ibot.head.out_dim={ibot[1]}")
+    return ""
+
+
 def world_size(cfg: DictConfig) -> int:
     return cfg.trainer.devices * cfg.trainer.num_nodes
 
@@ -618,6 +657,10 @@ def _check_values(cfg: DictConfig) -> None:
                      f"(backbone.timm_kwargs.patch_size={patch})")
     _require(cfg.backbone.attention is None or cfg.backbone.attention in ATTENTION_BACKENDS,
              f"backbone.attention={cfg.backbone.attention}: choose one of: {', '.join(ATTENTION_BACKENDS)}")
+
+    if "teacher_run" in m:
+        problem = _teacher_problem(cfg)
+        _require(not problem, problem)
 
     knn = cfg.eval.knn
     _require(knn.k >= 1, f"eval.knn.k={knn.k}: must be at least 1")

@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,13 +25,12 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 
-def run_cli(*args, cwd=REPO, timeout=600, env=None, check=True):
-    """`python -m sslrun ARGS` in a fresh process; returns the CompletedProcess."""
+def run_cli(*args, cwd=REPO, timeout=600, env=None, check=True, fresh=False):
+    """`python -m sslrun ARGS` in a process of its own (see tests/processes.py); the CompletedProcess."""
+    from tests.processes import run_cli_process
+
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-m", "sslrun", *args], cwd=cwd, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
-    )
+    result = run_cli_process(args, cwd, full_env, timeout, fresh=fresh)
     if check and result.returncode != 0:
         raise AssertionError(f"sslrun {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

@@ -5,12 +5,29 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sslrun.__main__ import check_overrides
-from sslrun.config import CONF_DIR, GROUPS, ConfigError, global_batch_size, scaled_lr, validate
+from sslrun.config import CONF_DIR, GROUPS, ConfigError, global_batch_size, scaled_lr, teacher_run_files, validate
 from tests.conftest import run_cli
+
 
 def compose_cfg(*overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+def teacher_for(method: str, directory, *overrides) -> list:
+    """The override naming a teacher run for `method=dinov2_distill` (a dinov2 run's config composed
+    with the same overrides, and a checkpoint file); nothing for other methods."""
+    from omegaconf import OmegaConf
+
+    if method != "dinov2_distill":
+        return []
+    config, checkpoint = teacher_run_files(directory)
+    config.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.touch()
+    teacher = compose_cfg("method=dinov2", *overrides)
+    OmegaConf.save({k: v for k, v in teacher.items() if k != "hydra"}, config)
+    return [f"method.teacher_run={directory}"]
 
 
 def all_options():
@@ -25,10 +42,11 @@ def test_groups_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("group,option", list(all_options()))
-def test_every_option_composes_and_validates(group, option):
+def test_every_option_composes_and_validates(group, option, tmp_path):
     # 224 px: ViT backbones with 16 px patches refuse 28 px crops (tested below).
-    overrides = [f"{group}={option}", "data.root=/some/where", "data.image_size=224"]
-    cfg = validate(compose_cfg(*overrides))
+    overrides = ["data.root=/some/where", "data.image_size=224"]
+    teacher = teacher_for(option if group == "method" else "", tmp_path, *overrides)
+    cfg = validate(compose_cfg(f"{group}={option}", *overrides, *teacher))
     if group in ("method", "data", "scheduler", "trainer", "logger"):  # option file = name
         assert cfg[group].name == option.removesuffix("_vit")
 
@@ -114,9 +132,10 @@ METHOD_OPTIONS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml")))
 @pytest.mark.parametrize("method", METHOD_OPTIONS)
-def test_every_method_composes_with_every_recipe(recipe, method):
-    extra = ["data.image_size=224"] if recipe == "none" else []  # the papers' ViTs refuse 28 px crops
-    cfg = validate(compose_cfg(f"recipe={recipe}", f"method={method}", "data.root=/data", *extra))
+def test_every_method_composes_with_every_recipe(recipe, method, tmp_path):
+    extra = [f"recipe={recipe}", "data.root=/data"] + (["data.image_size=224"] if recipe == "none" else [])
+    # (the papers' ViTs refuse 28 px crops)
+    cfg = validate(compose_cfg(f"method={method}", *extra, *teacher_for(method, tmp_path, *extra)))
     assert cfg.method.name == method.removesuffix("_vit")
 
 
@@ -145,7 +164,7 @@ def test_lr_scales_with_the_global_batch():
 
 
 def test_cli_error_is_one_line_exit_2_and_fast(tmp_path):
-    result = run_cli("optimizer.momentun=0.9", cwd=tmp_path, check=False, timeout=60)
+    result = run_cli("optimizer.momentun=0.9", cwd=tmp_path, check=False, timeout=60, fresh=True)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == ["sslrun: error: optimizer.momentun: unknown key; did you mean 'momentum'? valid keys in "
@@ -156,12 +175,12 @@ def test_cli_error_is_one_line_exit_2_and_fast(tmp_path):
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):
-    result = run_cli("method=simclr", "trainer=ddp", "optimizer=sgd", "--cfg", "job", cwd=tmp_path, timeout=60)
+    result = run_cli("method=simclr", "trainer=ddp", "optimizer=sgd", "--cfg", "job", cwd=tmp_path, timeout=60, fresh=True)
     assert "name: ddp" in result.stdout and "name: sgd" in result.stdout and "temperature:" in result.stdout
 
 
 def test_local_sweep_with_several_processes_is_refused(tmp_path):
     result = run_cli("-m", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "seed=1,2",
-                     f"hydra.sweep.dir={tmp_path}", cwd=tmp_path, check=False, timeout=120)
+                     f"hydra.sweep.dir={tmp_path}", cwd=tmp_path, check=False, timeout=120, fresh=True)
     assert result.returncode == 2
     assert "cannot run in a local sweep" in result.stdout + result.stderr

@@ -15,7 +15,7 @@ from sslrun.losses import (
 from sslrun.models.heads import DINOHead
 from sslrun.optim import WarmupCosine
 from sslrun.train import build_method
-from tests.distributed_utils import run_in_processes
+from tests.processes import run_in_processes
 
 K = 12
 
@@ -262,11 +262,14 @@ def test_layerwise_lr_decay_groups():
         assert scale[id(params[name])] == pytest.approx((lr_scale, wd)), name
 
 
+def tiny_dinov2_cfg(*extra):
+    return tiny_dino_cfg("method=dinov2", "augmentation=dinov2_small", "method.ibot.head.hidden_dim=32",
+                         "method.ibot.head.bottleneck_dim=16", "method.ibot.head.out_dim=20", *extra)
+
+
 def tiny_dinov2(*extra):
     torch.manual_seed(0)
-    cfg = tiny_dino_cfg("method=dinov2", "augmentation=dinov2_small", "method.ibot.head.hidden_dim=32",
-                        "method.ibot.head.bottleneck_dim=16", "method.ibot.head.out_dim=20", *extra)
-    return build_method(cfg, WarmupCosine(peak=1e-3, total_steps=20), None, steps_per_epoch=10)
+    return build_method(tiny_dinov2_cfg(*extra), WarmupCosine(peak=1e-3, total_steps=20), None, steps_per_epoch=10)
 
 
 def fixed_masks(n=8, seed=6):
@@ -345,3 +348,126 @@ def test_crop_sizes_must_fit_the_patch_size():
     with pytest.raises(ConfigError, match=r"augmentation.views.2.size=14: must be a multiple of the ViT's patch size "
                                           r"\(backbone.timm_kwargs.patch_size=4\)"):
         tiny_dino_cfg("augmentation.views.2.size=14")
+
+
+# ---------------------------------------------------------------------------- DINOv2 distillation
+def make_teacher_run(tmp_path, *extra):
+    """A trained-looking dinov2 run directory (its config, and a checkpoint whose EMA teacher is no
+    longer the student's copy) and the method it was saved from."""
+    from omegaconf import OmegaConf
+
+    from sslrun.config import teacher_run_files
+
+    teacher = tiny_dinov2("method.ibot.separate_head=true", *extra)
+    with torch.no_grad():
+        for p in teacher.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    run = tmp_path / "teacher"
+    config, checkpoint = teacher_run_files(run)
+    config.parent.mkdir(parents=True)
+    checkpoint.parent.mkdir(parents=True)
+    OmegaConf.save(tiny_dinov2_cfg("method.ibot.separate_head=true", *extra), config)
+    torch.save({"state_dict": teacher.state_dict()}, checkpoint)
+    return run, teacher
+
+
+def tiny_distill_cfg(run, *extra):
+    """A student half as wide and half as deep as make_teacher_run's teacher, same patches and prototypes."""
+    return tiny_dino_cfg("method=dinov2_distill", "augmentation=dinov2_small", f"method.teacher_run={run}",
+                         "backbone.timm_kwargs.depth=1", "+backbone.timm_kwargs.embed_dim=96",
+                         "+backbone.timm_kwargs.num_heads=3", "method.ibot.separate_head=true",
+                         "method.ibot.head.hidden_dim=32", "method.ibot.head.bottleneck_dim=16",
+                         "method.ibot.head.out_dim=20", *extra)
+
+
+def tiny_distill(run, *extra):
+    torch.manual_seed(1)
+    return build_method(tiny_distill_cfg(run, *extra), WarmupCosine(peak=1e-3, total_steps=20), None,
+                        steps_per_epoch=10)
+
+
+def test_distillation_learns_from_the_runs_frozen_teacher_and_keeps_a_student_ema(tmp_path):
+    run, trained = make_teacher_run(tmp_path)
+    student = tiny_distill(run)
+    saved = {n: p.clone() for n, p in trained.teacher.encoder.named_parameters()}
+    loaded = dict(student.teacher.named_parameters())
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[n], saved[n]) for n in saved)
+    assert student.backbone.num_features == 96 and student.teacher[0].num_features == 192
+    assert not any(p.requires_grad for p in student.teacher.parameters())
+    assert "mask_token" not in dict(student.named_parameters())
+
+    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
+    trainable = {id(p) for g in student.optimizer_groups() for p in g["params"]}
+    assert not trainable & {id(p) for p in student.teacher.parameters()}
+    assert not trainable & {id(p) for p in student.student_ema.parameters()}
+    student.train()
+    assert not student.teacher.training  # no drop path or dropout in the targets, whatever Lightning asks
+    ema_before = [p.clone() for p in student.student_ema.parameters()]
+    student.training_loss({"views": v2_views()}).loss.backward()
+    assert all(p.grad is None for p in student.teacher.parameters())
+    optimizer.step()
+    student.after_optimizer_step()
+    assert all(torch.equal(p, saved[n]) for n, p in student.teacher.named_parameters())
+    m = student.momentum(0)
+    online = [p for module in student.student_modules() for p in module.parameters()]
+    for ema, before, now in zip(student.student_ema.parameters(), ema_before, online):
+        torch.testing.assert_close(ema, m * before + (1 - m) * now)
+    assert student.eval_backbone is student.student_ema.encoder[0]
+
+
+def test_distillation_loss_from_a_direct_computation(tmp_path):
+    """Per crop, unpacked: the teacher's Sinkhorn-Knopp targets on its class tokens and on every patch
+    of the global crops (nothing masked, in student or teacher), the student's cross-entropies to
+    them, and KoLeo on the student's global class tokens."""
+    run, _ = make_teacher_run(tmp_path)
+    student = tiny_distill(run, "backbone.attention=math")
+    views, temperature = v2_views(), student.teacher_temperature(0)
+    out = student.training_loss({"views": views})
+
+    t_backbone, t_head, t_ibot = student.teacher
+    with torch.no_grad():
+        t_tokens = [t_backbone.forward_features(v) for v in views[:2]]
+        dino_targets = sinkhorn_knopp(torch.cat([t_head(t[:, 0]) for t in t_tokens]), temperature, 3)
+        ibot_targets = sinkhorn_knopp(torch.cat([t_ibot(t[:, 1:]).flatten(0, 1) for t in t_tokens]), temperature, 3)
+    s_tokens = [student.backbone.forward_features(v) for v in views]
+    classes = torch.cat([t[:, 0] for t in s_tokens])
+    s_dino = (student.head(classes) / 0.1).chunk(len(views))
+    dino = dino_loss(s_dino, dino_targets.unflatten(0, (2, -1)))
+    s_ibot = torch.cat([student.ibot_head(t[:, 1:]).flatten(0, 1) for t in s_tokens[:2]]) / 0.1
+    ibot = torch.sum(-ibot_targets * F.log_softmax(s_ibot, dim=-1), dim=-1).mean()  # every patch, equal weight
+    koleo = koleo_loss(classes[:8]) + koleo_loss(classes[8:16])
+    assert out.metrics["dino_loss"].item() == pytest.approx(dino.item(), rel=1e-4)
+    assert out.metrics["ibot_loss"].item() == pytest.approx(ibot.item(), rel=1e-4)
+    assert out.loss.item() == pytest.approx((dino + ibot + 0.1 * koleo).item(), rel=1e-4)
+    assert out.metrics["masked_patches"].item() == 1.0  # the iBOT loss covers every patch
+
+
+@pytest.mark.parametrize("override, message", [
+    ("backbone.timm_kwargs.patch_size=2", r"backbone.timm_kwargs.patch_size=2: the teacher at .* has 4; "
+                                          r"set backbone.timm_kwargs.patch_size=4"),
+    ("method.head.out_dim=30", r"method.head.out_dim=30: the teacher .* has 24; set method.head.out_dim=24"),
+    ("method.ibot.separate_head=false", r"method.ibot: the student's iBOT head has 24 prototypes, the teacher's .* "
+                                        r"20; set method.ibot.separate_head=true method.ibot.head.out_dim=20"),
+])
+def test_distillation_refuses_a_teacher_that_does_not_fit(tmp_path, override, message):
+    from sslrun.config import validate
+
+    run, _ = make_teacher_run(tmp_path)
+    validate(tiny_distill_cfg(run))
+    with pytest.raises(ConfigError, match=message):
+        validate(tiny_distill_cfg(run, override))
+
+
+def test_distillation_needs_a_finished_dinov2_run(tmp_path):
+    from omegaconf import OmegaConf
+
+    from sslrun.config import validate
+
+    with pytest.raises(ConfigError, match=r"method.teacher_run=.*nowhere: no finished run there \(needs .*config.yaml "
+                                          r"and .*last.ckpt\); point it at the run directory of a trained"):
+        validate(tiny_distill_cfg(tmp_path / "nowhere"))
+    run, _ = make_teacher_run(tmp_path)
+    config = run / ".hydra" / "config.yaml"
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(config), {"method": {"name": "dino"}}), config)
+    with pytest.raises(ConfigError, match=r"that run trained method=dino; the teacher must be a dinov2 run"):
+        validate(tiny_distill_cfg(run))

@@ -13,7 +13,7 @@ from sslrun.losses import nt_xent_loss
 from sslrun.methods.simclr import SimCLR
 from sslrun.models.backbones import build_backbone
 from sslrun.optim import WarmupCosine
-from tests.distributed_utils import run_in_processes
+from tests.processes import run_in_processes
 
 WORLD = 2
 

@@ -60,7 +60,7 @@ def test_simsiam_collapses_without_stop_gradient_and_not_with_it(tmp_path):
     spread (std about 1/sqrt(d)) and the loss stays well above -1."""
     common = ["method=simsiam", "backbone.timm_kwargs={channels:[8,16,32,64]}", "data.batch_size=256",
               "data.num_workers=0", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
-              *HEADS["simsiam"], "trainer.max_steps=100", "eval.enabled=false", "optimizer.base_lr=0.8",
+              *HEADS["simsiam"], "trainer.max_steps=60", "eval.enabled=false", "optimizer.base_lr=1.6",
               "scheduler.warmup_epochs=0", "scheduler.final_lr_ratio=1.0"]
     last = {}
     for stop_gradient in (True, False):
@@ -99,32 +99,47 @@ def test_mocov3_trains_a_vit_with_a_frozen_patch_projection(tmp_path):
     assert not torch.equal(trained["backbone.blocks.0.attn.qkv.weight"], initial["backbone.blocks.0.attn.qkv.weight"])
 
 
+DINO_SMALL = ["backbone.timm_kwargs.depth=2", "augmentation.views.2.count=4", "data.batch_size=32",
+              "data.num_workers=0", "eval.knn.bank_size=500", "eval.knn.query_size=200", "eval.pictures=4",
+              "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "method.head.out_dim=512"]
+DINO_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def dino_runs(tmp_path_factory):
+    """name -> the run directory of a short 2-process `method=name` run (run once per module)."""
+    runs = {}
+
+    def run(name):
+        if name not in runs:
+            runs[name] = tmp_path_factory.mktemp(name)
+            run_cli(f"method={name}", *DINO_SMALL, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                    f"trainer.max_steps={DINO_STEPS}", "method.freeze_last_layer_epochs=0.005",  # 9 of 1875 steps
+                    f"hydra.run.dir={runs[name]}")
+        return runs[name]
+    return run
+
+
 @pytest.mark.parametrize("name", ["dino", "dinov2"])
-def test_dino_runs_packed_multi_crop_on_two_cpu_processes(name, tmp_path):
+def test_dino_runs_packed_multi_crop_on_two_cpu_processes(name, dino_runs):
     """The whole DINO / DINOv2 path through the CLI under DDP: packed crops (masked ones for
     DINOv2), teacher, centring or Sinkhorn-Knopp, the collapse signals, the pictures, the
     checkpointed centre and teacher, the frozen prototypes. (That a short CPU run also learns,
     i.e. beats the random-init kNN, is not shown yet: see the README.)"""
     import torch
 
-    steps = 6
-    overrides = [f"method={name}", "backbone.timm_kwargs.depth=2", "augmentation.views.2.count=4", "data.batch_size=32",
-                 "data.num_workers=0", "eval.knn.bank_size=500", "eval.knn.query_size=200", "eval.pictures=4",
-                 "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "method.head.out_dim=512",
-                 "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", f"trainer.max_steps={steps}",
-                 "method.freeze_last_layer_epochs=0.005"]  # 1875 steps per epoch: the first 9 steps
-    run_cli(*overrides, f"hydra.run.dir={tmp_path}")
-    summary = read_summary(tmp_path)
+    steps, run_dir = DINO_STEPS, dino_runs(name)
+    summary = read_summary(run_dir)
     assert summary["method"] == name and summary["world_size"] == 2 and summary["global_step"] == steps
-    rows = read_metrics(tmp_path)
+    rows = read_metrics(run_dir)
     entropy = [v for _, v in column(rows, "train/teacher_entropy")]
     kl = [v for _, v in column(rows, "train/teacher_student_kl")]
     assert len(entropy) == steps and all(0 < e <= math.log(512) + 1e-4 for e in entropy)
     assert all(k >= -1e-4 for k in kl)
     for picture in ("attention", "patch_pca"):
-        assert (tmp_path / "pictures" / f"{picture}_step{steps:07d}.png").is_file()
+        assert (run_dir / "pictures" / f"{picture}_step{steps:07d}.png").is_file()
 
-    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     if name == "dino":
         assert state["center"].abs().sum() > 0  # the centre moved and travels with the checkpoint
     else:
@@ -135,3 +150,29 @@ def test_dino_runs_packed_multi_crop_on_two_cpu_processes(name, tmp_path):
             "head.", "teacher.encoder.1.")])  # the teacher is an average of the student, not a copy
     # Frozen prototypes: the student's never change, so the teacher's average of them is them exactly.
     assert torch.equal(state["head.last_layer.weight"], state["teacher.encoder.1.last_layer.weight"])
+
+
+def test_dinov2_distill_trains_a_smaller_student_from_a_finished_run(dino_runs, tmp_path):
+    """`method=dinov2_distill` on the DINOv2 run above: a half-width student, the teacher frozen at the
+    run's EMA teacher, the distillation loss falls, pictures and kNN from the student's EMA."""
+    import torch
+
+    teacher_run = dino_runs("dinov2")
+    run_cli("method=dinov2_distill", f"method.teacher_run={teacher_run}", *DINO_SMALL, "trainer.max_steps=20",
+            "optimizer.base_lr=1e-3", "scheduler.warmup_epochs=0.002", f"hydra.run.dir={tmp_path}")
+    summary = read_summary(tmp_path)
+    assert summary["method"] == "dinov2_distill" and summary["global_step"] == 20
+    assert 0 <= summary["knn_top1"] <= 1
+    rows = read_metrics(tmp_path)
+    for name in ("train/loss", "train/teacher_student_kl"):  # the student moves towards the teacher
+        values = [v for _, v in column(rows, name)]
+        assert sum(values[-5:]) / 5 < sum(values[:5]) / 5, (name, values)
+    assert (tmp_path / "pictures" / "attention_step0000020.png").is_file()
+
+    teacher = torch.load(teacher_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    student = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    for key in ("blocks.1.attn.qkv.weight", "cls_token"):
+        assert torch.equal(student[f"teacher.0.{key}"], teacher[f"teacher.encoder.0.{key}"])  # frozen
+    assert student["backbone.blocks.1.attn.qkv.weight"].shape[1] == 96  # half the teacher's width
+    assert not torch.equal(student["backbone.blocks.1.attn.qkv.weight"],
+                           student["student_ema.encoder.0.blocks.1.attn.qkv.weight"])

@@ -7,13 +7,13 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-from sslrun.config import CONF_DIR, compose
+from sslrun.config import CONF_DIR, ConfigError, compose
 from sslrun.distributed import convert_to_global_bn, gather_rows
 from sslrun.losses import negative_cosine_similarity
 from sslrun.methods import METHODS
 from sslrun.optim import WarmupCosine
 from sslrun.train import build_method
-from tests.distributed_utils import run_in_processes
+from tests.processes import run_in_processes
 
 WORLD = 2
 BATCH = 8  # global
@@ -208,10 +208,14 @@ def test_mocov3_freezes_a_vit_patch_projection_and_refuses_other_backbones():
 def test_every_method_is_registered_with_a_schema_and_configs():
     from sslrun.config import METHODS as SCHEMAS
 
-    assert set(METHODS) == set(SCHEMAS) == set(NAMES) | {"dino", "dinov2"}
+    assert set(METHODS) == set(SCHEMAS) == set(NAMES) | {"dino", "dinov2", "dinov2_distill"}
     for name in METHODS:
         for group in ("method", "optimizer", "augmentation", "backbone"):
             assert (CONF_DIR / group / f"{name}.yaml").is_file(), (group, name)
         for group in ("augmentation", "backbone"):
             assert (CONF_DIR / group / f"{name}_small.yaml").is_file(), (group, name)
-        assert compose([f"method={name}"]).method.name == name  # the quick recipe composes
+        if name == "dinov2_distill":  # composes with a teacher run (tests/test_config.py), and asks for one
+            with pytest.raises(ConfigError, match="method.teacher_run: no value given"):
+                compose([f"method={name}"])
+        else:
+            assert compose([f"method={name}"]).method.name == name  # the quick recipe composes

@@ -104,7 +104,7 @@ def test_configs_ship_with_a_non_editable_install(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import sslrun; print(sslrun.__file__)"], cwd=elsewhere,
                            env={**os.environ, **env}, capture_output=True, text=True, check=True)
     assert where.stdout.startswith(str(target))
-    result = run_cli("method=simclr", "trainer=ddp", "--cfg", "job", cwd=elsewhere, env=env)
+    result = run_cli("method=simclr", "trainer=ddp", "--cfg", "job", cwd=elsewhere, env=env, fresh=True)
     assert "name: simclr" in result.stdout and "name: ddp" in result.stdout
 
 

@@ -32,7 +32,7 @@ class Pictures(L.Callback):
     @torch.no_grad()
     def draw(self, trainer, pl_module) -> None:
         self.drawn_at_step = trainer.global_step
-        if not trainer.is_global_zero or not is_vit(pl_module.backbone):
+        if not trainer.is_global_zero or not is_vit(pl_module.eval_backbone):
             return
         images = self.datamodule.sample_images(self.count)
         inputs = self.datamodule.augment.normalize(images.to(pl_module.device))
@@ -41,8 +41,8 @@ class Pictures(L.Callback):
         try:
             with trainer.precision_plugin.forward_context():
                 pictures = {
-                    "attention": attention_picture(images, class_attention(pl_module.backbone, inputs).float()),
-                    "patch_pca": pca_picture(images, patch_pca(pl_module.backbone, inputs)),
+                    "attention": attention_picture(images, class_attention(pl_module.eval_backbone, inputs).float()),
+                    "patch_pca": pca_picture(images, patch_pca(pl_module.eval_backbone, inputs)),
                 }
         finally:
             pl_module.train(was_training)

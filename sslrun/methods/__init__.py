@@ -5,6 +5,7 @@ from sslrun.methods.base import SSLMethod, StepOutput
 from sslrun.methods.byol import BYOL
 from sslrun.methods.dino import DINO
 from sslrun.methods.dinov2 import DINOv2
+from sslrun.methods.dinov2_distill import DINOv2Distill
 from sslrun.methods.mocov2 import MoCoV2
 from sslrun.methods.mocov3 import MoCoV3
 from sslrun.methods.simclr import SimCLR
@@ -21,6 +22,7 @@ METHODS = {
     "vicreg": VICReg,
     "dino": DINO,
     "dinov2": DINOv2,
+    "dinov2_distill": DINOv2Distill,
 }
 
 __all__ = ["METHODS", "SSLMethod", "StepOutput"]

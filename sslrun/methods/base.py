@@ -43,9 +43,15 @@ class SSLMethod(L.LightningModule):
         self.probe = nn.Linear(backbone.num_features, num_classes) if num_classes else None
         self.epoch_loss = MeanMetric()
 
+    @property
+    def eval_backbone(self) -> nn.Module:
+        """The backbone evaluators and pictures look at: the trained one, unless a method's paper
+        evaluates another (DINO: the teacher)."""
+        return self.backbone
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone feature every evaluator uses."""
-        return self.backbone(images)
+        return self.eval_backbone(images)
 
     def training_loss(self, batch: dict) -> StepOutput:
         raise NotImplementedError

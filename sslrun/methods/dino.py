@@ -42,6 +42,11 @@ class DINO(SSLMethod):
         """What the teacher averages, in order."""
         return [self.backbone, self.head]
 
+    @property
+    def eval_backbone(self):
+        """The teacher: the better model throughout training, and the one the paper evaluates."""
+        return self.teacher.encoder[0]
+
     def momentum_teacher(self) -> MomentumEncoder:
         teacher = MomentumEncoder(self.student_modules())
         for module in teacher.modules():  # the teacher never drops paths (DINO's reference code)

@@ -47,6 +47,11 @@ class DINOv2(DINO):
         separate = self._modules.get("ibot_head")
         return [self.backbone, self.head] + ([separate] if separate is not None else [])
 
+    def teacher_modules(self):
+        """The teacher's [backbone, DINO head, iBOT head] (the last two the same module when shared)."""
+        encoder = self.teacher.encoder
+        return encoder[0], encoder[1], encoder[-1]
+
     def _teacher_probs(self, logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
         """Targets from teacher logits; updates `center` when DINO centring is used."""
         if self.cfg.centering == "sinkhorn_knopp":
@@ -61,6 +66,11 @@ class DINOv2(DINO):
         return torch.cat([batch_masks(batch, self.grid, self.cfg.ibot.mask_ratio, self.cfg.ibot.mask_probability, rng)
                           for _ in range(self.global_crops)]).to(device)
 
+    def student_tokens(self, views, masks: torch.Tensor):
+        """The student's tokens of every crop, the global crops' masked patches replaced by the mask token."""
+        crop_masks = list(masks.chunk(self.global_crops)) + [None] * (len(views) - self.global_crops)
+        return self.forward_crops(self.backbone, views, crop_masks, self.mask_token)
+
     def training_loss(self, batch: dict) -> StepOutput:
         views = batch["views"]
         globals_, batch_size = views[: self.global_crops], views[0].shape[0]
@@ -68,7 +78,7 @@ class DINOv2(DINO):
         temperature = self.teacher_temperature(self.global_step)
 
         with torch.no_grad():
-            backbone, head, ibot_head = self.teacher.encoder[0], self.teacher.encoder[1], self.teacher.encoder[-1]
+            backbone, head, ibot_head = self.teacher_modules()
             tokens = self.forward_crops(backbone, globals_)
             dino_logits = head(torch.cat([class_tokens(t) for t in tokens])).float()
             patches = torch.cat([patch_tokens(backbone, t) for t in tokens])
@@ -76,8 +86,7 @@ class DINOv2(DINO):
             dino_targets = self._teacher_probs(dino_logits, self.center, temperature)
             ibot_targets = self._teacher_probs(ibot_logits, self.ibot_center, temperature)
 
-        crop_masks = list(masks.chunk(self.global_crops)) + [None] * (len(views) - self.global_crops)
-        tokens = self.forward_crops(self.backbone, views, crop_masks, self.mask_token)
+        tokens = self.student_tokens(views, masks)
         classes = torch.cat([class_tokens(t) for t in tokens])
         student = (self.head(classes).float() / self.student_temperature).chunk(len(views))
         dino = dino_loss(student, dino_targets.unflatten(0, (self.global_crops, -1)))

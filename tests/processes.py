@@ -1,0 +1,96 @@
+"""Real processes for tests, forked from one warm server.
+
+Every test that needs its own process (a CLI run, a rank of a gloo process group) gets one forked
+from a `forkserver` that has already imported torch, Lightning, timm and sslrun, so none of them pays
+the ~10 s import again (2 CPU cores). The server imports but runs no torch op, so a child inherits no
+thread pool; each child is still a process of its own, with fresh state, environment and exit code.
+Tests about the process itself (start-up time, running from another directory) use `fresh=True`.
+"""
+
+import atexit
+import os
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+CONTEXT = mp.get_context("forkserver")
+CONTEXT.set_forkserver_preload(["torch", "lightning", "timm", "sslrun.train", "tests.processes"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_in_processes(fn, world: int, *args) -> None:
+    """fn(rank, world, *args) in `world` processes joined by gloo; raises if any of them fails.
+
+    fn must be importable (defined at module level); results travel through files."""
+    mp.start_processes(_rank_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
+                       start_method="forkserver")
+
+
+def _cli_child(args, cwd, env, stdout_path, stderr_path):
+    """`python -m sslrun ARGS` inside a forked child, ending as the interpreter would."""
+    os.setpgrp()  # so a timeout can stop the run together with the processes it launched
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, stdout_path), (2, stderr_path)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.argv = ["sslrun", *args]
+    code = 0
+    try:
+        runpy.run_module("sslrun", run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        if isinstance(exit_.code, int) or exit_.code is None:
+            code = exit_.code or 0
+        else:
+            print(exit_.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def run_cli_process(args, cwd, env, timeout, fresh=False) -> subprocess.CompletedProcess:
+    """`python -m sslrun ARGS` in its own process: forked from the warm server, or a new interpreter."""
+    args = [str(a) for a in args]
+    if fresh:
+        return subprocess.run([sys.executable, "-m", "sslrun", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+        child = CONTEXT.Process(target=_cli_child, args=(args, str(cwd), env, str(out), str(err)))
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.join()
+            raise subprocess.TimeoutExpired(["sslrun", *args], timeout, out.read_text(), err.read_text())
+        return subprocess.CompletedProcess(["sslrun", *args], child.exitcode, out.read_text(), err.read_text())
