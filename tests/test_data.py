@@ -97,7 +97,7 @@ def test_image_folder_without_val_trains_without_evaluation(tmp_path):
 
 @pytest.mark.parametrize("name,expected", [("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"), ("stl10", "STL-10")])
 def test_torchvision_sets_need_their_files(tmp_path, name, expected):
-    with pytest.raises(DataError, match=f"no such directory .*data.download=true"):
+    with pytest.raises(DataError, match="no such directory .*data.download=true"):
         build_splits(data_cfg(name, root=str(tmp_path / "missing"), train_split="train+unlabeled"))
     with pytest.raises(DataError, match=f"{expected} .* not found"):
         build_splits(data_cfg(name, root=str(tmp_path), train_split="train+unlabeled"))
