@@ -149,6 +149,19 @@ def test_teacher_sees_only_global_crops_and_gets_no_gradient():
     assert kl >= -1e-5 and out.metrics["teacher_entropy"] <= math.log(24) + 1e-5
 
 
+def test_evaluators_see_the_teacher():
+    """DINO evaluates its teacher (the paper's choice): kNN, probe and pictures use `eval_backbone`."""
+    method = tiny_dino()
+    with torch.no_grad():
+        for p in method.teacher.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    images = torch.randn(3, 1, 16, 16)
+    method.eval()
+    assert method.eval_backbone is method.teacher.encoder[0]
+    torch.testing.assert_close(method.embed(images), method.teacher.encoder[0](images))
+    assert not torch.allclose(method.embed(images), method.backbone(images))
+
+
 def test_center_moves_towards_the_teacher_batch_mean():
     method = tiny_dino()
     views = dino_views()
