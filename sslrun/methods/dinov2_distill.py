@@ -36,7 +36,7 @@ class DINOv2Distill(DINOv2):
       iBOT loss, which here covers every patch of the global crops and masks nothing;
     - the student has no stochastic depth (its backbone config: drop_path_rate 0);
     - a spare EMA of the student (`student_ema`, momentum `momentum` -> `final_momentum`) is the
-      final model: evaluators, pictures and exports use it.
+      final model: kNN, the probe and the pictures use it.
 
     Student and teacher must share patch size (the iBOT loss pairs their patch tokens) and
     prototype counts (`head.out_dim`, `ibot.head.out_dim`)."""
