@@ -12,6 +12,7 @@ the segments (whole crops) and its output is scaled by segments / kept, instead 
 of them and zeroing the dropped ones.
 """
 
+import types
 from typing import List, Optional, Sequence
 
 import torch
@@ -40,6 +41,11 @@ def enable_packing(vit: nn.Module, attention: str) -> nn.Module:
         raise ConfigError("backbone.timm_kwargs.dynamic_img_size: must be true so crops of every size get their "
                           "own interpolated position embedding")
     vit.block_diagonal_attention = BlockDiagonalAttention(attention)
+    # The packed pass runs as methods of the ViT and of each block (not through `forward`), so a
+    # sharded model can hook them as it hooks `forward`: see `sslrun.distributed.fsdp`.
+    vit.packed = types.MethodType(_packed_pass, vit)
+    for block in vit.blocks:
+        block.packed = types.MethodType(packed_block, block)
     return vit
 
 
@@ -114,13 +120,17 @@ def packed_forward(vit: nn.Module, crops: Sequence[torch.Tensor],
 
     Returns the final-norm tokens per crop, [B, prefix + patches, D] each, in input order. The
     attention backend is the one `enable_packing` gave the model."""
+    return vit.packed(crops, masks, mask_token)
+
+
+def _packed_pass(vit: nn.Module, crops, masks, mask_token) -> List[torch.Tensor]:
     attention = vit.block_diagonal_attention
     masks = masks or [None] * len(crops)
     tokens = [crop_tokens(vit, images, mask, mask_token) for images, mask in zip(crops, masks)]
     packing = Packing(tuple(t.shape[1] for t in tokens for _ in range(t.shape[0])))
     x = torch.cat([t.flatten(0, 1) for t in tokens]).unsqueeze(0)
     for block in vit.blocks:
-        x = packed_block(block, x, packing, attention)
+        x = block.packed(x, packing, attention)
     x = vit.norm(x)[0]
     sizes = [t.shape[0] * t.shape[1] for t in tokens]
     return [part.view(t.shape[0], t.shape[1], -1) for part, t in zip(x.split(sizes), tokens)]
