@@ -25,12 +25,13 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 
-def run_cli(*args, cwd=REPO, timeout=600, env=None, check=True, fresh=False):
-    """`python -m sslrun ARGS` in a process of its own (see tests/processes.py); the CompletedProcess."""
+def run_cli(*args, cwd=REPO, timeout=600, env=None, check=True, fresh=False, script=None):
+    """`python -m sslrun ARGS` (or `python SCRIPT ARGS`) in a process of its own (see
+    tests/processes.py); the CompletedProcess."""
     from tests.processes import run_cli_process
 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    result = run_cli_process(args, cwd, full_env, timeout, fresh=fresh)
+    result = run_cli_process(args, cwd, full_env, timeout, fresh=fresh, script=script)
     if check and result.returncode != 0:
         raise AssertionError(f"sslrun {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

@@ -48,8 +48,9 @@ def run_in_processes(fn, world: int, *args) -> None:
                        start_method="forkserver")
 
 
-def _cli_child(args, cwd, env, stdout_path, stderr_path):
-    """`python -m sslrun ARGS` inside a forked child, ending as the interpreter would."""
+def _cli_child(args, cwd, env, stdout_path, stderr_path, script):
+    """`python -m sslrun ARGS` (or `python SCRIPT ARGS`) inside a forked child, ending as the
+    interpreter would."""
     os.setpgrp()  # so a timeout can stop the run together with the processes it launched
     os.chdir(cwd)
     os.environ.clear()
@@ -58,10 +59,13 @@ def _cli_child(args, cwd, env, stdout_path, stderr_path):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(target, fd)
         os.close(target)
-    sys.argv = ["sslrun", *args]
+    sys.argv = [script or "sslrun", *args]
     code = 0
     try:
-        runpy.run_module("sslrun", run_name="__main__", alter_sys=True)
+        if script:
+            runpy.run_path(script, run_name="__main__")
+        else:
+            runpy.run_module("sslrun", run_name="__main__", alter_sys=True)
     except SystemExit as exit_:
         if isinstance(exit_.code, int) or exit_.code is None:
             code = exit_.code or 0
@@ -78,16 +82,26 @@ def _cli_child(args, cwd, env, stdout_path, stderr_path):
     os._exit(code)
 
 
-def run_cli_process(args, cwd, env, timeout, fresh=False) -> subprocess.CompletedProcess:
-    """`python -m sslrun ARGS` in its own process: forked from the warm server, or a new interpreter."""
+def start_cli_process(args, cwd, env, stdout_path, stderr_path, script=None):
+    """`python -m sslrun ARGS` (or `python SCRIPT ARGS`) forked from the warm server, started and
+    not awaited; the child leads its own process group (`os.killpg(child.pid, ...)` stops it all)."""
+    child = CONTEXT.Process(target=_cli_child, args=([str(a) for a in args], str(cwd), {**env},
+                                                     str(stdout_path), str(stderr_path), script))
+    child.start()
+    return child
+
+
+def run_cli_process(args, cwd, env, timeout, fresh=False, script=None) -> subprocess.CompletedProcess:
+    """`python -m sslrun ARGS` (or `python SCRIPT ARGS`) in its own process: forked from the warm
+    server, or a new interpreter."""
     args = [str(a) for a in args]
     if fresh:
-        return subprocess.run([sys.executable, "-m", "sslrun", *args], cwd=cwd, env=env,
+        command = [script] if script else ["-m", "sslrun"]
+        return subprocess.run([sys.executable, *command, *args], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=timeout)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-        child = CONTEXT.Process(target=_cli_child, args=(args, str(cwd), env, str(out), str(err)))
-        child.start()
+        child = start_cli_process(args, cwd, env, out, err, script)
         child.join(timeout)
         if child.exitcode is None:
             os.killpg(child.pid, signal.SIGKILL)
