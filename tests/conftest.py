@@ -37,6 +37,26 @@ def run_cli(*args, cwd=REPO, timeout=600, env=None, check=True, fresh=False, scr
     return result
 
 
+def write_finished_run(run_dir: Path, cfg, state_dict=None) -> Path:
+    """A run directory as training leaves it, for what reads one (distillation's `teacher_run`):
+    <run>/.hydra/config.yaml (cfg without its hydra node) and <run>/checkpoints/last.ckpt
+    ({"state_dict": state_dict}, or an empty file when None)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from sslrun.config import teacher_run_files
+
+    config, checkpoint = teacher_run_files(run_dir)
+    config.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save({k: v for k, v in cfg.items() if k != "hydra"}, config)
+    if state_dict is None:
+        checkpoint.touch()
+    else:
+        torch.save({"state_dict": state_dict}, checkpoint)
+    return Path(run_dir)
+
+
 def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 

@@ -85,7 +85,7 @@ def _cli_child(args, cwd, env, stdout_path, stderr_path, script):
 def start_cli_process(args, cwd, env, stdout_path, stderr_path, script=None):
     """`python -m sslrun ARGS` (or `python SCRIPT ARGS`) forked from the warm server, started and
     not awaited; the child leads its own process group (`os.killpg(child.pid, ...)` stops it all)."""
-    child = CONTEXT.Process(target=_cli_child, args=([str(a) for a in args], str(cwd), {**env},
+    child = CONTEXT.Process(target=_cli_child, args=(list(args), str(cwd), {**env},
                                                      str(stdout_path), str(stderr_path), script))
     child.start()
     return child

@@ -5,8 +5,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sslrun.__main__ import check_overrides
-from sslrun.config import CONF_DIR, GROUPS, ConfigError, global_batch_size, scaled_lr, teacher_run_files, validate
-from tests.conftest import run_cli
+from sslrun.config import CONF_DIR, GROUPS, ConfigError, global_batch_size, scaled_lr, validate
+from tests.conftest import run_cli, write_finished_run
 
 
 def compose_cfg(*overrides):
@@ -17,16 +17,9 @@ def compose_cfg(*overrides):
 def teacher_for(method: str, directory, *overrides) -> list:
     """The override naming a teacher run for `method=dinov2_distill` (a dinov2 run's config composed
     with the same overrides, and a checkpoint file); nothing for other methods."""
-    from omegaconf import OmegaConf
-
     if method != "dinov2_distill":
         return []
-    config, checkpoint = teacher_run_files(directory)
-    config.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.touch()
-    teacher = compose_cfg("method=dinov2", *overrides)
-    OmegaConf.save({k: v for k, v in teacher.items() if k != "hydra"}, config)
+    write_finished_run(directory, compose_cfg("method=dinov2", *overrides))
     return [f"method.teacher_run={directory}"]
 
 

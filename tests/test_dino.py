@@ -15,6 +15,7 @@ from sslrun.losses import (
 from sslrun.models.heads import DINOHead
 from sslrun.optim import WarmupCosine
 from sslrun.train import build_method
+from tests.conftest import write_finished_run
 from tests.processes import run_in_processes
 
 K = 12
@@ -367,20 +368,12 @@ def test_crop_sizes_must_fit_the_patch_size():
 def make_teacher_run(tmp_path, *extra):
     """A trained-looking dinov2 run directory (its config, and a checkpoint whose EMA teacher is no
     longer the student's copy) and the method it was saved from."""
-    from omegaconf import OmegaConf
-
-    from sslrun.config import teacher_run_files
-
     teacher = tiny_dinov2("method.ibot.separate_head=true", *extra)
     with torch.no_grad():
         for p in teacher.teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    run = tmp_path / "teacher"
-    config, checkpoint = teacher_run_files(run)
-    config.parent.mkdir(parents=True)
-    checkpoint.parent.mkdir(parents=True)
-    OmegaConf.save(tiny_dinov2_cfg("method.ibot.separate_head=true", *extra), config)
-    torch.save({"state_dict": teacher.state_dict()}, checkpoint)
+    run = write_finished_run(tmp_path / "teacher", tiny_dinov2_cfg("method.ibot.separate_head=true", *extra),
+                             teacher.state_dict())
     return run, teacher
 
 
