@@ -33,6 +33,7 @@ test-fast: install data
 bench: install data
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_multicrop.py
+	$(BIN)/python scripts/bench_memory.py
 
 clean:
 	rm -rf $(VENV) outputs multirun *.egg-info

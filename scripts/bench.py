@@ -72,7 +72,7 @@ def bare_loop(cfg) -> float:
             break
         for group in optimizer.param_groups:
             group["lr"] = schedule(step)
-        views = data.augment(batch["views"])
+        views = data.on_after_batch_transfer(batch, 0)["views"]
         features = backbone(torch.cat(views))
         z1, z2 = projector(features).chunk(2)
         loss = nt_xent_loss(z1, z2, cfg.method.temperature)

@@ -70,6 +70,7 @@ def _hydra_app(cfg: DictConfig) -> None:
     try:
         cfg = validate(cfg)
         _check_multirun(cfg)
+        _check_shared_run_dir(cfg)
     except ConfigError as error:
         log.error("error: %s", error)
         sys.exit(2)
@@ -90,6 +91,19 @@ def _hydra_app(cfg: DictConfig) -> None:
                 process.kill()
     if code:
         sys.exit(code)
+
+
+def _check_shared_run_dir(cfg: DictConfig) -> None:
+    """Under torchrun every process composes its own config; a time-stamped run dir could differ
+    between them, so the run dir must be given."""
+    import os
+
+    from sslrun.config import ConfigError, world_size
+
+    given = any(o.startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra)
+    if "TORCHELASTIC_RUN_ID" in os.environ and world_size(cfg) > 1 and not given:
+        raise ConfigError("torchrun starts every process on its own: give them one run directory, "
+                          "hydra.run.dir=PATH (the same on every node)")
 
 
 def _check_multirun(cfg: DictConfig) -> None:

@@ -133,6 +133,7 @@ class DINOHeadSpec:
     bottleneck_dim: int = MISSING
     out_dim: int = MISSING
     norm_last_layer: bool = MISSING
+    batch_norm: bool = MISSING
 
 
 @dataclass
@@ -338,7 +339,21 @@ class TrainerConfig:
     progress_bar: bool = MISSING
 
 
-TRAINERS: Dict[str, type] = {"single": TrainerConfig, "ddp": TrainerConfig}
+@dataclass
+class FSDPOptions:
+    reshard_after_forward: bool = MISSING
+    param_dtype: Optional[str] = MISSING
+    cpu_offload: bool = MISSING
+    activation_checkpointing: bool = MISSING
+
+
+@dataclass
+class FSDPTrainerConfig(TrainerConfig):
+    fsdp: FSDPOptions = field(default_factory=FSDPOptions)
+
+
+TRAINERS: Dict[str, type] = {"single": TrainerConfig, "ddp": TrainerConfig, "fsdp": FSDPTrainerConfig}
+FSDP_PARAM_DTYPES = ("bf16", "fp16")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
 
@@ -565,7 +580,14 @@ def _check_values(cfg: DictConfig) -> None:
     _require(t.num_nodes >= 1, f"trainer.num_nodes={t.num_nodes}: must be at least 1")
     _require(t.name != "single" or world_size(cfg) == 1,
              f"trainer.devices={t.devices} with trainer=single: one process only; "
-             f"use trainer=ddp for several devices")
+             f"use trainer=ddp or trainer=fsdp for several devices")
+    if t.name == "fsdp":
+        _require(t.fsdp.param_dtype is None or t.fsdp.param_dtype in FSDP_PARAM_DTYPES,
+                 f"trainer.fsdp.param_dtype={t.fsdp.param_dtype}: choose null (fp32) or one of: "
+                 f"{', '.join(FSDP_PARAM_DTYPES)}")
+        _require(not t.fsdp.cpu_offload or t.accelerator == "gpu",
+                 "trainer.fsdp.cpu_offload=true: moves GPU parameters and optimizer state to CPU memory; "
+                 "it needs trainer.accelerator=gpu (on the CPU there is nothing to offload)")
     _require(t.max_epochs >= 1 or t.max_steps >= 1,
              "trainer.max_epochs / trainer.max_steps: set one of them to a positive number")
     _require(t.accumulate_grad_batches >= 1,

@@ -6,7 +6,6 @@ the part it needs.
 
 import json
 import logging
-import math
 import os
 import resource
 import time
@@ -26,6 +25,7 @@ from sslrun.callbacks import AtomicCheckpointIO, CollapseMonitor, OnlineEvaluati
 from sslrun.config import ConfigError
 from sslrun.data.datamodule import SSLDataModule
 from sslrun.distributed import convert_to_global_bn
+from sslrun.distributed.checkpoint import AtomicShardedStrategy, full_state_dict, is_complete_sharded_checkpoint
 from sslrun.methods import METHODS
 from sslrun.models.backbones import build_backbone
 from sslrun.models.vit import is_vit
@@ -99,6 +99,7 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
         default_root_dir=str(run_dir),
         num_sanity_val_steps=0,
         enable_model_summary=False,
+        use_distributed_sampler=False,  # the data module shards the data itself (GlobalBatchSampler)
     )
     if trainer.is_global_zero:
         log.info(
@@ -109,10 +110,11 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
             _lr_rule(cfg), steps_per_epoch, schedule.total_steps,
         )
     # Our own checkpoints hold callback and loop state besides tensors: full unpickling.
-    trainer.fit(method, datamodule=datamodule, ckpt_path=_resume_path(cfg.resume, checkpoint_dir),
+    trainer.fit(method, datamodule=datamodule, ckpt_path=_resume_path(cfg, checkpoint_dir),
                 weights_only=False)
     # The final state, final evaluation included (ModelCheckpoint saves only on its step grid).
     trainer.save_checkpoint(str(checkpoint_dir / "last.ckpt"), weights_only=False)
+    export_backbone(cfg, method.eval_backbone, run_dir / "backbone.safetensors", trainer.is_global_zero)
 
     summary = _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoints, started,
                        steps_per_epoch)
@@ -143,6 +145,10 @@ def _tidy_lightning_output() -> None:
             if not any(isinstance(f, _DropTips) for f in handler.filters):
                 handler.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Backbones return views (timm's pooling); nothing here changes a model output in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    # The data module's own state resumes the data mid-epoch; Lightning only checks the loader.
+    warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
 
 
 def build_method(cfg: DictConfig, lr_schedule: WarmupCosine, num_classes: Optional[int],
@@ -158,6 +164,7 @@ def build_method(cfg: DictConfig, lr_schedule: WarmupCosine, num_classes: Option
         num_classes=num_classes,
         steps_per_epoch=steps_per_epoch,
         config=OmegaConf.to_container(cfg, resolve=True),
+        sharding=OmegaConf.to_container(cfg.trainer.fsdp) if cfg.trainer.name == "fsdp" else None,
     )
     if cfg.trainer.sync_batchnorm and config_lib.world_size(cfg) > 1:
         convert_to_global_bn(method)
@@ -172,9 +179,7 @@ def _hydra_run_dir() -> str:
 
 def lr_schedule(cfg: DictConfig, train_size: int):
     """The per-step learning rate, sized from the data set, batch and training length."""
-    world = config_lib.world_size(cfg)
-    per_process = cfg.data.batch_size // world
-    batches = math.ceil(train_size / world) // per_process  # DistributedSampler pads, loader drops last
+    batches = train_size // cfg.data.batch_size  # GlobalBatchSampler: full global batches only
     steps_per_epoch = batches // cfg.trainer.accumulate_grad_batches
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -197,6 +202,8 @@ def _lr_rule(cfg: DictConfig) -> str:
 def _strategy(cfg: DictConfig):
     if cfg.trainer.name == "single":
         return "auto"
+    if cfg.trainer.name == "fsdp":  # the method shards itself in configure_model
+        return AtomicShardedStrategy(data_parallel_size=config_lib.world_size(cfg), tensor_parallel_size=1)
     return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
 
 
@@ -240,20 +247,46 @@ def _require_package(module: str, feature: str, extra: str) -> None:
         raise ConfigError(f"{feature}: needs the {module} package; pip install 'sslrun[{extra}]'")
 
 
-def _resume_path(resume: Optional[str], checkpoint_dir: Path) -> Optional[str]:
-    """resume=auto picks <run dir>/checkpoints/last.ckpt, or the newest intact step checkpoint."""
-    if resume != "auto":
-        return resume
-    candidates = [checkpoint_dir / "last.ckpt"] + sorted(
-        checkpoint_dir.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]), reverse=True
-    )
-    for path in candidates:
-        if path.is_file():
-            if zipfile.is_zipfile(path):
+def _resume_path(cfg: DictConfig, checkpoint_dir: Path) -> Optional[str]:
+    """resume=auto picks <run dir>/checkpoints/last.ckpt, or the newest intact step checkpoint.
+
+    A checkpoint is a file (single process, DDP) or a directory of shards (trainer=fsdp)."""
+    path = None if cfg.resume == "auto" else cfg.resume
+    if cfg.resume == "auto":
+        candidates = [checkpoint_dir / "last.ckpt"] + sorted(
+            checkpoint_dir.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]), reverse=True
+        )
+        for candidate in filter(Path.exists, candidates):
+            if _intact(candidate):
+                path = str(candidate)
                 log.info("resuming from %s", path)
-                return str(path)
-            log.warning("ignoring unreadable checkpoint %s", path)
-    return None
+                break
+            log.warning("ignoring unreadable checkpoint %s", candidate)
+    if path is not None and Path(path).is_dir() and cfg.trainer.name != "fsdp":
+        raise ConfigError(f"resume: {path} is a sharded checkpoint (a directory, written under trainer=fsdp); "
+                          f"resume it with trainer=fsdp, on any number of devices")
+    return path
+
+
+def _intact(path: Path) -> bool:
+    return zipfile.is_zipfile(path) if path.is_file() else is_complete_sharded_checkpoint(path)
+
+
+def export_backbone(cfg: DictConfig, backbone: torch.nn.Module, path: Path, is_writer: bool) -> None:
+    """The evaluated backbone's whole state dict as safetensors, with what timm needs to build the
+    model it loads into (`timm.create_model(**json.loads(metadata["timm_create_model"]))`).
+    Collective: every process calls it; process 0 writes."""
+    from safetensors.torch import save_file
+
+    state = full_state_dict(backbone)
+    if not is_writer:
+        return
+    create = {"model_name": cfg.backbone.name, "num_classes": 0, "in_chans": cfg.data.channels,
+              **OmegaConf.to_container(cfg.backbone.timm_kwargs, resolve=True)}
+    metadata = {"timm_create_model": json.dumps(create), "small_stem": json.dumps(bool(cfg.backbone.small_stem)),
+                "method": cfg.method.name}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    log.info("backbone weights: %s", path)
 
 
 def _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoints, started,
@@ -270,6 +303,7 @@ def _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoin
         peak = {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "peak_memory_kind": "cpu max resident set, process 0"}
     last = Path(checkpoints.dirpath) / "last.ckpt"
+    weights = Path(checkpoints.dirpath).parent / "backbone.safetensors"
     return {
         "method": cfg.method.name,
         "backbone": cfg.backbone.name,
@@ -291,5 +325,6 @@ def _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoin
         "lr": config_lib.scaled_lr(cfg),
         "lr_rule": _lr_rule(cfg),
         "skipped_images": skipped,
-        "checkpoint": str(last) if last.is_file() else None,
+        "checkpoint": str(last) if last.exists() else None,
+        "backbone_weights": str(weights) if weights.is_file() else None,
     }

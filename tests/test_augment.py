@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from sslrun.data import augment as A
-from sslrun.data.transforms import CenterView, MultiCrop, to_tensor
+from sslrun.data.transforms import CenterView, MultiCrop, random_resized_crop_box, sample_generator, to_tensor
 
 
 @pytest.fixture
@@ -62,7 +62,8 @@ def test_photometric_augment_normalises_and_keeps_shapes():
     views = [spec(count=2, size=8), spec(count=3, size=4, blur_p=0.0)]
     augment = A.PhotometricAugment(views, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     crops = [torch.randint(0, 256, (6, 3, s, s), dtype=torch.uint8) for s in (8, 8, 4, 4, 4)]
-    out = augment(crops)
+    params = drawn(augment, 6)
+    out = augment(crops, params)
     assert [o.shape for o in out] == [c.shape for c in crops]
     assert all(o.dtype == torch.float32 for o in out)
     assert all(o.min() >= -2.0 - 1e-6 and o.max() <= 2.0 + 1e-6 for o in out)  # (x - 0.5) / 0.25, x in [0,1]
@@ -73,21 +74,85 @@ def test_identity_recipe_only_normalises():
                  grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, count=1)
     augment = A.PhotometricAugment([plain], mean=[0.1], std=[0.5])
     crops = [torch.randint(0, 256, (2, 1, 5, 5), dtype=torch.uint8)]
-    assert torch.allclose(augment(crops)[0], (crops[0].float() / 255 - 0.1) / 0.5)
+    assert torch.allclose(augment(crops, drawn(augment, 2))[0], (crops[0].float() / 255 - 0.1) / 0.5)
+
+
+def drawn(augment, batch, seed=0):
+    """Parameters of `batch` images for every crop of the recipe, as the workers draw them."""
+    per_image = [augment.draw(sample_generator(seed, 0, i)) for i in range(batch)]
+    return [torch.stack(crop) for crop in zip(*per_image)]
+
+
+def test_batched_augment_applies_each_images_parameters_in_its_own_order(rgb):
+    """The batched jitter equals torchvision's ops applied per image, in each image's drawn order,
+    with the drawn factors; greyscale and solarize where drawn."""
+    recipe = spec(count=1, blur_p=0.0, grayscale_p=0.5, solarize_p=0.5,
+                  color_jitter={"p": 0.9, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1})
+    augment = A.PhotometricAugment([recipe], mean=[0.0] * 3, std=[1.0] * 3)
+    params = drawn(augment, 4, seed=3)[0]
+    assert len({tuple(p[A.ORDER].tolist()) for p in params}) > 1  # orders differ between images
+    got = augment.augment(rgb, recipe, params)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    columns = [A.BRIGHTNESS, A.CONTRAST, A.SATURATION, A.HUE]
+    for image, p, out in zip(rgb, params, got):
+        expected = image
+        if p[A.JITTER]:
+            for op in p[A.ORDER].long().tolist():
+                expected = ops[op](expected, float(p[columns[op]]))
+        if p[A.GREY]:
+            expected = TF.rgb_to_grayscale(expected, num_output_channels=3)
+        if p[A.SOLARIZE]:
+            expected = TF.solarize(expected, 0.5)
+        assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_drawn_parameters_follow_the_recipe():
+    recipe = spec(count=1, blur_sigma=[0.5, 1.5],
+                  color_jitter={"p": 0.8, "brightness": 0.4, "contrast": 0.2, "saturation": 0.0, "hue": 0.1})
+    params = torch.stack([A.draw_photometric(recipe, sample_generator(0, 0, i)) for i in range(4000)])
+    assert params[:, A.JITTER].mean() == pytest.approx(0.8, abs=0.03)
+    assert params[:, A.GREY].mean() == pytest.approx(0.2, abs=0.03)
+    assert params[:, A.BLUR].mean() == pytest.approx(0.5, abs=0.03)
+    assert params[:, A.SOLARIZE].mean() == pytest.approx(0.2, abs=0.03)
+    assert 0.6 <= params[:, A.BRIGHTNESS].min() and params[:, A.BRIGHTNESS].max() <= 1.4
+    assert 0.8 <= params[:, A.CONTRAST].min() and params[:, A.CONTRAST].max() <= 1.2
+    assert (params[:, A.SATURATION] == 1.0).all()
+    assert params[:, A.HUE].abs().max() <= 0.1 and params[:, A.HUE].std() > 0.05
+    assert 0.5 <= params[:, A.SIGMA].min() and params[:, A.SIGMA].max() <= 1.5
+    assert (params[:, A.ORDER].sort(dim=1).values == torch.arange(4.0)).all()  # a permutation each
+
+
+def test_an_images_views_depend_only_on_seed_epoch_and_index():
+    image = Image.fromarray((torch.rand(20, 20, 3) * 255).byte().numpy())
+    crops = MultiCrop([spec(count=3, size=8)])
+    first, again = crops(image, sample_generator(5, 2, 17)), crops(image, sample_generator(5, 2, 17))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    for other in (sample_generator(5, 3, 17), sample_generator(5, 2, 18), sample_generator(6, 2, 17)):
+        assert not all(torch.equal(a, b) for a, b in zip(first, crops(image, other)))
+
+
+def test_random_resized_crop_box_follows_scale_and_ratio():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        top, left, h, w = random_resized_crop_box(40, 30, (0.2, 0.6), (0.75, 1.33), generator)
+        assert 0 <= top and top + h <= 30 and 0 <= left and left + w <= 40
+        assert 0.2 * 1200 * 0.9 <= h * w <= 0.6 * 1200 * 1.1 and 0.7 <= w / h <= 1.4
+    assert random_resized_crop_box(10, 100, (0.9, 1.0), (1.0, 1.0), generator) == (45, 0, 10, 10)  # fallback
 
 
 def test_multicrop_makes_every_crop_of_the_recipe():
     image = Image.fromarray((torch.rand(40, 30, 3) * 255).byte().numpy())
-    crops = MultiCrop([spec(count=2, size=16), spec(count=4, size=6)])(image)
+    crops = MultiCrop([spec(count=2, size=16), spec(count=4, size=6)])(image, sample_generator(0, 0, 0))
     assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 6, 6)] * 4
     assert all(c.dtype == torch.uint8 for c in crops)
 
 
 def test_full_scale_crop_without_flip_is_the_image():
     image = Image.fromarray((torch.rand(9, 9) * 255).byte().numpy())
-    crop = MultiCrop([spec(count=1, size=9, scale=[1.0, 1.0], ratio=[1.0, 1.0], flip_p=0.0)])(image)[0]
+    generator = sample_generator(0, 0, 0)
+    crop = MultiCrop([spec(count=1, size=9, scale=[1.0, 1.0], ratio=[1.0, 1.0], flip_p=0.0)])(image, generator)[0]
     assert torch.equal(crop, to_tensor(image))
-    flipped = MultiCrop([spec(count=1, size=9, scale=[1.0, 1.0], ratio=[1.0, 1.0], flip_p=1.0)])(image)[0]
+    flipped = MultiCrop([spec(count=1, size=9, scale=[1.0, 1.0], ratio=[1.0, 1.0], flip_p=1.0)])(image, generator)[0]
     assert torch.equal(flipped, to_tensor(image).flip(-1))
 
 

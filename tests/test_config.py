@@ -84,7 +84,30 @@ def test_batch_that_does_not_divide_by_processes():
 
 
 def test_several_devices_need_ddp():
-    assert "trainer=ddp" in error_for("trainer.devices=2")
+    assert "trainer=ddp or trainer=fsdp" in error_for("trainer.devices=2")
+
+
+def test_fsdp_options_are_checked():
+    assert "trainer.fsdp.param_dtype=fp8: choose null (fp32) or one of: bf16, fp16" in error_for(
+        "trainer=fsdp", "trainer.fsdp.param_dtype=fp8")
+    assert "it needs trainer.accelerator=gpu" in error_for("trainer=fsdp", "trainer.fsdp.cpu_offload=true",
+                                                           "trainer.accelerator=cpu")
+    assert check_overrides(["trainer=fsdp", "trainer.fsdp.param_dtype=bf16",
+                            "trainer.fsdp.activation_checkpointing=true", "trainer.devices=1"]) is None
+
+
+def test_a_sharded_checkpoint_resumes_only_under_fsdp(tmp_path):
+    from sslrun.train import _resume_path
+
+    sharded = tmp_path / "checkpoints" / "last.ckpt"
+    sharded.mkdir(parents=True)
+    (sharded / ".metadata").touch()
+    (sharded / "meta.pt").touch()
+    assert _resume_path(compose_cfg("trainer=fsdp"), tmp_path / "checkpoints") == str(sharded)
+    with pytest.raises(ConfigError, match="is a sharded checkpoint .* resume it with trainer=fsdp"):
+        _resume_path(compose_cfg("trainer=ddp"), tmp_path / "checkpoints")
+    (sharded / "meta.pt").unlink()  # a save that died before its last file: not a checkpoint
+    assert _resume_path(compose_cfg("trainer=fsdp"), tmp_path / "checkpoints") is None
 
 
 def test_missing_required_value():

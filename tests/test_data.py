@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from sslrun.data.datamodule import SSLDataModule, collate_views
+from sslrun.data.sampler import GlobalBatchSampler
 from sslrun.data.datasets import DataError, build_splits
 from tests.conftest import FASHION_MNIST, needs_fashion_mnist
 
@@ -110,10 +111,11 @@ def test_training_batch_format_and_eval_shards():
     module = SSLDataModule(cfg, VIEWS, eval_cfg, processes=2, processes_per_node=2, seed=0)
     assert module.per_process_batch == 16
     batch = next(iter(module.train_dataloader()))
-    assert set(batch) == {"views", "label", "index"}
+    assert set(batch) == {"views", "photometric", "label", "index"}
     assert [v.dtype for v in batch["views"]] == [torch.uint8] * 2
-    augmented = module.on_after_batch_transfer(batch, 0)["views"]
-    assert all(v.dtype == torch.float32 and v.shape == (16, 1, 16, 16) for v in augmented)
+    batch = module.on_after_batch_transfer(batch, 0)
+    assert set(batch) == {"views", "label", "index"}  # the design notes' batch contract
+    assert all(v.dtype == torch.float32 and v.shape == (16, 1, 16, 16) for v in batch["views"])
     shards = [module.eval_loaders(rank, 2) for rank in range(2)]
     bank_sizes = [len(s[0].dataset) for s in shards]
     query_sizes = [len(s[1].dataset) for s in shards]
@@ -122,8 +124,65 @@ def test_training_batch_format_and_eval_shards():
 
 def test_collate_keeps_view_order():
     samples = [([torch.full((1, 2, 2), i, dtype=torch.uint8), torch.full((1, 1, 1), 10 + i, dtype=torch.uint8)],
-                i % 2, i) for i in range(3)]
+                [torch.full((13,), i), torch.full((13,), 10 + i)], i % 2, i) for i in range(3)]
     batch = collate_views(samples)
     assert batch["views"][0][:, 0, 0, 0].tolist() == [0, 1, 2]
     assert batch["views"][1][:, 0, 0, 0].tolist() == [10, 11, 12]
+    assert batch["photometric"][1][:, 0].tolist() == [10, 11, 12]
     assert batch["label"].tolist() == [0, 1, 0] and batch["index"].tolist() == [0, 1, 2]
+
+
+def batches(sampler, per_process_batch):
+    keys = list(sampler)
+    return [keys[i:i + per_process_batch] for i in range(0, len(keys), per_process_batch)]
+
+
+def test_global_batches_are_the_same_on_any_number_of_processes():
+    one = batches(GlobalBatchSampler(50, 8, world=1, rank=0, seed=3), 8)
+    shards = [batches(GlobalBatchSampler(50, 4, world=2, rank=r, seed=3), 4) for r in range(2)]
+    assert len(one) == 6 and all(len(s) == 6 for s in shards)  # 50 // 8 full global batches
+    for step, batch in enumerate(one):
+        assert shards[0][step] + shards[1][step] == batch  # rank order, as a gather returns them
+    seen = [index for batch in one for _, index in batch]
+    assert len(set(seen)) == 48 and seen != sorted(seen)  # no repeats, shuffled
+
+
+def test_each_epoch_has_its_own_order_and_resume_skips_trained_batches():
+    sampler = GlobalBatchSampler(40, 4, world=2, rank=1, seed=0)
+    sampler.set_epoch(0)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert {e for e, _ in epoch0} == {0} and {e for e, _ in epoch1} == {1}
+    assert [i for _, i in epoch0] != [i for _, i in epoch1]
+    resumed = GlobalBatchSampler(40, 8, world=1, rank=0, seed=0)  # another world size, same global batch
+    resumed.resume_at(epoch=1, batches=3)
+    resumed.set_epoch(1)
+    full = GlobalBatchSampler(40, 8, world=1, rank=0, seed=0)
+    full.set_epoch(1)
+    assert list(resumed) == list(full)[3 * 8:]
+    assert len(resumed) == len(full)  # the epoch's length does not change, only where it starts
+    resumed.set_epoch(2)
+    assert len(list(resumed)) == 40  # later epochs start from their beginning
+
+
+@needs_fashion_mnist
+def test_data_module_records_where_training_is_in_the_data():
+    cfg = data_cfg("fashion_mnist", root=str(FASHION_MNIST), batch_size=1000)
+    module = SSLDataModule(cfg, VIEWS, EVAL, processes=1, processes_per_node=1, seed=0)
+
+    class Trainer:  # what the data module reads: the training loop's processed-batch count
+        class fit_loop:
+            class epoch_loop:
+                class batch_progress:
+                    class total:
+                        processed = 60 + 7  # 60 batches per epoch: epoch 1, 7 batches in
+
+    module.trainer = Trainer
+    assert module.state_dict() == {"epoch": 1, "batches": 7}
+    module.load_state_dict(module.state_dict())
+    module.trainer = None
+    sampler = module.train_dataloader().sampler
+    sampler.set_epoch(1)
+    keys = list(sampler)
+    assert len(keys) == (60 - 7) * 1000 and keys[0] == (1, sampler.order(1)[7000].item())

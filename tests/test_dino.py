@@ -308,7 +308,7 @@ def test_dinov2_loss_is_the_weighted_sum_of_its_terms(extra):
     expected = m["dino_loss"] + m["ibot_loss"] + 0.1 * m["koleo_loss"]
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     out.loss.backward()
-    assert method.mask_token.grad.abs().sum() > 0  # masked patches see the mask token
+    assert method.mask_token.token.grad.abs().sum() > 0  # masked patches see the mask token
     assert all(p.grad is None for p in method.teacher.parameters())
     assert ("ibot_head" in dict(method.named_children())) == bool(extra)
     assert len(method.teacher.encoder) == (3 if extra else 2)
@@ -400,7 +400,7 @@ def test_distillation_learns_from_the_runs_frozen_teacher_and_keeps_a_student_em
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[n], saved[n]) for n in saved)
     assert student.backbone.num_features == 96 and student.teacher[0].num_features == 192
     assert not any(p.requires_grad for p in student.teacher.parameters())
-    assert "mask_token" not in dict(student.named_parameters())
+    assert not any("mask_token" in name for name, _ in student.named_parameters())
 
     optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
     trainable = {id(p) for g in student.optimizer_groups() for p in g["params"]}

@@ -149,12 +149,12 @@ def tiny_simclr():
     optimizer_cfg = OmegaConf.create({"weight_decay": 0.0, "final_weight_decay": None, "exclude_bias_and_norm": True,
                                       "probe_lr": 0.1})
     return SimCLR(method_cfg, backbone=build_backbone(backbone_cfg, in_chans=1), optimizer_cfg=optimizer_cfg,
-                  lr_schedule=WarmupCosine(peak=0.1, total_steps=10), num_classes=None, steps_per_epoch=5)
+                  lr_schedule=WarmupCosine(peak=0.1, total_steps=10), num_classes=None, steps_per_epoch=5).double()
 
 
 def simclr_views(n=8):
     g = torch.Generator().manual_seed(5)
-    return [torch.randn(n, 1, 16, 16, generator=g) for _ in range(2)]
+    return [torch.randn(n, 1, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
 
 
 def _ddp_simclr(rank_, world, out):
@@ -173,12 +173,14 @@ def _ddp_simclr(rank_, world, out):
 
 @pytest.mark.slow
 def test_simclr_with_global_bn_on_two_processes_equals_one_big_batch(tmp_path):
-    """The whole method (ResNet with BN, projector with BN, gathers): 2 x B == 1 x 2B."""
+    """The whole method (ResNet with BN, projector with BN, gathers): 2 x B == 1 x 2B, in float64 to
+    its rounding. (In float32 the runs drift apart over steps from rounding alone: test_scale_out.)"""
     run_in_processes(_ddp_simclr, WORLD, tmp_path / "simclr.pt")
     got = torch.load(tmp_path / "simclr.pt")
     method = tiny_simclr()
     loss = method.training_loss({"views": simclr_views()}).loss
     loss.backward()
-    assert torch.allclose(got["loss"], loss.detach(), atol=1e-5)
+    assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-12)
     for name, p in method.named_parameters():
-        assert torch.allclose(got["grads"][name], p.grad, atol=1e-4, rtol=1e-3), name
+        torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 from sslrun.models.ema import ema_update
 from sslrun.models.vit import enable_packing, packed_forward
@@ -114,3 +115,126 @@ def test_sharded_resnet_per_stage_equals_the_unsharded_one(tmp_path):
         torch.testing.assert_close(got["features"], features[r * 4:(r + 1) * 4].detach(), rtol=1e-5, atol=1e-5)
         for name, p in resnet.named_parameters():
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------- every method
+RESNET = ["backbone.timm_kwargs={channels:[8,16,32,64]}"]
+VIT = ["backbone.timm_kwargs.embed_dim=48", "backbone.timm_kwargs.depth=2"]
+METHOD_OVERRIDES = {
+    "simclr": RESNET, "mocov2": RESNET + ["method.queue_size=64"], "mocov3": RESNET, "byol": RESNET,
+    "simsiam": RESNET, "barlow_twins": RESNET + ["method.projector.hidden_dim=64", "method.projector.out_dim=64"],
+    "vicreg": RESNET + ["method.projector.hidden_dim=64", "method.projector.out_dim=64"],
+    "mocov3_vit": VIT, "dino": VIT + ["method.head.out_dim=256"],
+    "dinov2": VIT + ["method.head.out_dim=256", "method.ibot.head.out_dim=256"],
+}
+
+
+def method_for(name):
+    from sslrun.config import compose
+    from sslrun.train import build_method, lr_schedule
+
+    cfg = compose([f"method={name}", *METHOD_OVERRIDES[name], "data.batch_size=8", "trainer=ddp",
+                   "scheduler.warmup_epochs=0", "eval.enabled=false"])
+    torch.manual_seed(0)
+    schedule, steps_per_epoch = lr_schedule(cfg, 60000)
+    sharding = {"reshard_after_forward": True, "param_dtype": None, "cpu_offload": False,
+                "activation_checkpointing": name == "dino"}  # one method recomputes its blocks
+    return build_method(cfg, schedule, None, steps_per_epoch), sharding, cfg
+
+
+def method_views(cfg):
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(8, 1, view.size, view.size, generator=g) for view in cfg.augmentation.views
+            for _ in range(view.count)]
+
+
+def one_step(method, views, rank, world, sharded):
+    """One training step on this rank's half of the batch, as Lightning runs it; the loss of the
+    global batch and every parameter (whole) after the step and the EMA update."""
+    import torch.distributed as dist
+
+    optimizer = method.configure_optimizers()
+    before = {n: p.detach().clone() for n, p in method.named_parameters() if not isinstance(p, DTensor)}
+    torch.manual_seed(11 + rank)  # the same masks / shuffles in both runs
+    loss = method.training_loss({"views": [v[rank * 4:(rank + 1) * 4] for v in views]}).loss
+    loss.backward()
+    if not sharded:  # DDP's gradient averaging
+        for p in method.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+    optimizer.step()
+    method.after_optimizer_step()
+    dist.all_reduce(total := loss.detach().clone())
+    params = {n: (p.full_tensor() if sharded else p).detach().clone() for n, p in method.named_parameters()}
+    moved = sum(not torch.equal(params[n], before[n]) for n in before) / max(len(before), 1)
+    return total.item() / world, params, moved
+
+
+def _every_method(rank, world, out):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from sslrun.distributed.fsdp import fsdp_options, shard_method
+
+    results = {}
+    for name in METHOD_OVERRIDES:
+        reference, _, cfg = method_for(name)
+        views = method_views(cfg)
+        expected = one_step(reference, views, rank, world, sharded=False)
+        method, sharding, _ = method_for(name)
+        mesh = init_device_mesh("cpu", (world,))
+        checkpointing = sharding.pop("activation_checkpointing")
+        shard_method(method, fsdp_options(mesh, **sharding), checkpointing)
+        got = one_step(method, views, rank, world, sharded=True)
+        results[name] = (expected, got)
+    if rank == 0:
+        torch.save(results, out / "methods.pt")
+
+
+def test_every_method_takes_the_same_step_sharded_as_under_ddp(tmp_path):
+    """Each method sharded by the plan (backbone units, heads, teachers, DINOv2's mask token) takes
+    the same optimizer step (and EMA update) as the unsharded model with DDP's averaged gradients."""
+    run_in_processes(_every_method, 2, tmp_path)
+    results = torch.load(tmp_path / "methods.pt", weights_only=False)
+    assert set(results) == set(METHOD_OVERRIDES)
+    for name, ((loss, params, moved), (sharded_loss, sharded_params, _)) in results.items():
+        assert moved > 0.5, f"{name}: the step must change most parameters for the comparison to mean anything"
+        assert sharded_loss == pytest.approx(loss, rel=1e-5), name
+        assert params.keys() == sharded_params.keys()
+        for key, value in params.items():
+            torch.testing.assert_close(sharded_params[key], value, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+
+
+def _options_and_refusals(rank, world, out):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from sslrun.distributed.fsdp import fsdp_options, shard_method
+
+    mesh = init_device_mesh("cpu", (world,))
+    method = torch.nn.Module()
+    method.head = torch.nn.Linear(4, 4)
+    method.scale = torch.nn.Parameter(torch.ones(()))
+    with pytest.raises(ValueError, match=r"parameters \['scale'\] belong to no module FSDP can shard"):
+        shard_method(method, fsdp_options(mesh))
+
+    # bf16 parameters for compute, fp32 shards and gradient reduction; weights kept gathered from
+    # forward to backward (reshard_after_forward=false).
+    reference, _, cfg = method_for("dino")
+    views = method_views(cfg)
+    expected, _, _ = one_step(reference, views, rank, world, sharded=False)
+    method, _, _ = method_for("dino")
+    shard_method(method, fsdp_options(mesh, reshard_after_forward=False, param_dtype="bf16"))
+    outputs = []
+    method.backbone.register_forward_hook(lambda module, args, output: outputs.append(output.dtype))
+    method.backbone(views[0][:2])
+    loss, params, _ = one_step(method, views, rank, world, sharded=True)
+    if rank == 0:
+        torch.save({"expected": expected, "loss": loss, "compute": outputs[0],
+                    "stored": {p.dtype for p in params.values()}}, out / "options.pt")
+
+
+def test_bf16_parameters_and_a_bare_parameter_refused_by_name(tmp_path):
+    run_in_processes(_options_and_refusals, 2, tmp_path)
+    got = torch.load(tmp_path / "options.pt", weights_only=False)
+    assert got["compute"] == torch.bfloat16 and got["stored"] == {torch.float32}
+    assert got["loss"] == pytest.approx(got["expected"], rel=2e-2)  # bf16 rounding only

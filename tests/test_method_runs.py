@@ -84,11 +84,16 @@ def test_mocov3_trains_a_vit_with_a_frozen_patch_projection(tmp_path):
     from sslrun.optim import WarmupCosine
     from sslrun.train import build_method
 
-    overrides = ["method=mocov3_vit", "backbone=vit_tiny_p4", "+backbone.timm_kwargs.depth=4", *SMALL[1:],
-                 "method.projector.hidden_dim=256", "method.predictor_mlp.hidden_dim=256", "trainer.max_steps=20"]
+    # A half-width 4-block ViT with 7 px patches; what a 100-step run needs (measured 2026-11-26,
+    # kNN 0.552 vs 0.518): 128 negatives (batch 64 does not learn), lr 1e-3 x 128 / 256, and a key
+    # encoder that keeps up (momentum 0.9; at 0.99 -> 1 the keys barely move in 100 steps).
+    overrides = ["method=mocov3_vit", "backbone=dino_small", "backbone.timm_kwargs.embed_dim=96",
+                 "backbone.timm_kwargs.num_heads=3", *SMALL[2:], "data.batch_size=128", "optimizer.base_lr=1e-3",
+                 "method.momentum=0.9", "method.final_momentum=0.9", "method.projector.hidden_dim=256",
+                 "method.predictor_mlp.hidden_dim=256", "trainer.max_steps=100"]
     run_cli(*overrides, f"hydra.run.dir={tmp_path}")
     summary = read_summary(tmp_path)
-    assert summary["backbone"] == "vit_tiny_patch16_224" and summary["global_step"] == 20
+    assert summary["backbone"] == "vit_tiny_patch16_224" and summary["global_step"] == 100
     assert summary["knn_top1"] > summary["knn_top1_random_init"], summary
     assert not_collapsed(summary), summary
 
@@ -124,8 +129,7 @@ def dino_runs(tmp_path_factory):
 def test_dino_runs_packed_multi_crop_on_two_cpu_processes(name, dino_runs):
     """The whole DINO / DINOv2 path through the CLI under DDP: packed crops (masked ones for
     DINOv2), teacher, centring or Sinkhorn-Knopp, the collapse signals, the pictures, the
-    checkpointed centre and teacher, the frozen prototypes. (That a short CPU run also learns,
-    i.e. beats the random-init kNN, is not shown yet: see the README.)"""
+    checkpointed centre and teacher, the frozen prototypes. (That they learn: the next test.)"""
     import torch
 
     steps, run_dir = DINO_STEPS, dino_runs(name)
@@ -144,7 +148,7 @@ def test_dino_runs_packed_multi_crop_on_two_cpu_processes(name, dino_runs):
         assert state["center"].abs().sum() > 0  # the centre moved and travels with the checkpoint
     else:
         assert 0 < min(v for _, v in column(rows, "train/masked_patches"))
-        assert state["mask_token"].abs().sum() > 0  # starts at zero, learned through masked patches
+        assert state["mask_token.token"].abs().sum() > 0  # starts at zero, learned through masked patches
     for key in ("backbone.blocks.0.attn.qkv.weight", "head.mlp.0.weight"):
         assert not torch.equal(state[key], state[key.replace("backbone.", "teacher.encoder.0.").replace(
             "head.", "teacher.encoder.1.")])  # the teacher is an average of the student, not a copy
@@ -176,3 +180,18 @@ def test_dinov2_distill_trains_a_smaller_student_from_a_finished_run(dino_runs, 
     assert student["backbone.blocks.1.attn.qkv.weight"].shape[1] == 96  # half the teacher's width
     assert not torch.equal(student["backbone.blocks.1.attn.qkv.weight"],
                            student["student_ema.encoder.0.blocks.1.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("name", ["dino", "dinov2"])
+def test_dino_and_dinov2_beat_the_random_init_knn_on_cpu(name, tmp_path):
+    """The quick recipe (tuning/quick_dino.yaml) on a half-width ViT: 200 steps of batch 64,
+    about 90 s. Measured 2026-11-26: kNN 0.650 (DINO) and 0.654 (DINOv2) against 0.627 at random
+    init; the teacher's targets stay far from uniform."""
+    run_cli(f"method={name}", "backbone.timm_kwargs.embed_dim=96", "backbone.timm_kwargs.num_heads=3",
+            "data.num_workers=0", "eval.pictures=0", "eval.knn.bank_size=5000", "eval.knn.query_size=2000",
+            "trainer.progress_bar=false", f"hydra.run.dir={tmp_path}")
+    summary = read_summary(tmp_path)
+    assert summary["global_step"] == 200
+    assert summary["knn_top1"] > summary["knn_top1_random_init"] + 0.015, summary
+    entropy = [v for _, v in column(read_metrics(tmp_path), "train/teacher_entropy")]
+    assert max(entropy[-5:]) < math.log(256) - 0.5, entropy  # log K: the uniform collapse

@@ -8,7 +8,7 @@ import torch
 
 from sslrun.config import ConfigError
 from sslrun.models.attention import BlockDiagonalAttention, Packing, math_attention
-from sslrun.models.vit import crop_tokens, enable_packing, grouped_forward, packed_forward, residual_on_subset
+from sslrun.models.vit import MaskToken, crop_tokens, enable_packing, grouped_forward, packed_forward, residual_on_subset
 
 BATCH = 3
 
@@ -191,8 +191,10 @@ def test_masked_patches_become_the_mask_token_before_the_position_embedding():
     images = multi_crop()[0]
     mask = torch.zeros(BATCH, 49, dtype=torch.bool)
     mask[0, :10] = True
-    token = torch.randn(192)
-    masked = crop_tokens(vit, images, mask, token)
+    mask_token = MaskToken(192)
+    mask_token.token.data.normal_()
+    token = mask_token.token.detach()
+    masked = crop_tokens(vit, images, mask, mask_token)
     plain = crop_tokens(vit, images)
     prefix = vit.num_prefix_tokens
     position = vit.pos_embed[0, prefix:]  # timm's ViT-Ti: class token inside pos_embed

@@ -32,8 +32,9 @@ class Pictures(L.Callback):
     @torch.no_grad()
     def draw(self, trainer, pl_module) -> None:
         self.drawn_at_step = trainer.global_step
-        if not trainer.is_global_zero or not is_vit(pl_module.eval_backbone):
+        if not is_vit(pl_module.eval_backbone):
             return
+        # Every process runs the model (a sharded one needs them all); process 0 saves.
         images = self.datamodule.sample_images(self.count)
         inputs = self.datamodule.augment.normalize(images.to(pl_module.device))
         was_training = pl_module.training
@@ -46,6 +47,8 @@ class Pictures(L.Callback):
                 }
         finally:
             pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         for name, picture in pictures.items():
             path = self.directory / f"{name}_step{trainer.global_step:07d}.png"

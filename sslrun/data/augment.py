@@ -1,7 +1,8 @@
 """The batched half of a view recipe: photometric augmentation on the training device.
 
-Each operation draws its random parameters per image and applies them to the whole batch at
-once, matching torchvision's per-image functional ops (see tests/test_augment.py):
+Each image's random parameters are drawn in the DataLoader workers (`draw_photometric`) and
+travel with the batch; each operation applies them to the whole batch at once, matching
+torchvision's per-image functional ops (see tests/test_augment.py):
 
     brightness  x * b                                   b ~ U[1 - s, 1 + s]
     contrast    c * x + (1 - c) * mean(grey(x))         c ~ U[1 - s, 1 + s]
@@ -11,8 +12,8 @@ once, matching torchvision's per-image functional ops (see tests/test_augment.py
     blur        separable Gaussian, sigma ~ U[lo, hi], kernel 2 * ceil(3 * hi) + 1, reflect padding
     solarize    x -> 1 - x where x >= 0.5
 
-Colour jitter applies its four ops in a random order drawn once per batch (torchvision draws it
-per image). Greyscale inputs (one channel) skip the ops that need colour.
+Colour jitter applies its four ops in a random order per image, as torchvision does. Greyscale
+inputs (one channel) skip the ops that need colour.
 """
 
 import math
@@ -105,8 +106,38 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0.5, 1.0 - x, x)
 
 
-def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
-    return torch.empty(n, device=device).uniform_(low, high)
+# Layout of the per-image parameter vector drawn by `draw_photometric` and read by `augment`.
+JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE = range(5)
+ORDER = slice(5, 9)  # the colour-jitter ops' order for this image (a permutation of 0..3)
+GREY, BLUR, SIGMA, SOLARIZE = range(9, 13)
+NUM_PARAMS = 13
+
+
+def draw_photometric(spec, generator: torch.Generator) -> torch.Tensor:
+    """One image's photometric parameters for a view spec, from `generator`: [NUM_PARAMS].
+
+    Drawn per image in the DataLoader workers, from a generator seeded by the image's identity
+    (data set index, epoch, run seed), so an image gets the same views whatever batch, process
+    or worker it lands in. Always the same number of draws, whatever the spec's values."""
+    u = torch.rand(9, generator=generator, dtype=torch.float64).tolist()
+    order = torch.randperm(4, generator=generator).tolist()
+    jitter = spec.color_jitter
+
+    def between(value: float, low: float, high: float) -> float:
+        return low + value * (high - low)
+
+    return torch.tensor([
+        float(u[0] < jitter.p),
+        between(u[1], max(0.0, 1 - jitter.brightness), 1 + jitter.brightness),
+        between(u[2], max(0.0, 1 - jitter.contrast), 1 + jitter.contrast),
+        between(u[3], max(0.0, 1 - jitter.saturation), 1 + jitter.saturation),
+        between(u[4], -jitter.hue, jitter.hue),
+        *order,
+        float(u[5] < spec.grayscale_p),
+        float(u[6] < spec.blur_p),
+        between(u[7], *spec.blur_sigma),
+        float(u[8] < spec.solarize_p),
+    ])
 
 
 def _where_images(mask: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
@@ -126,43 +157,39 @@ class PhotometricAugment:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
-    def __call__(self, crops: List[torch.Tensor]) -> List[torch.Tensor]:
-        if len(crops) != len(self.specs):
-            raise ValueError(f"expected {len(self.specs)} crops, got {len(crops)}")
-        return [self.normalize(self.augment(crop.float() / 255.0, spec)) for crop, spec in zip(crops, self.specs)]
+    def draw(self, generator: torch.Generator) -> List[torch.Tensor]:
+        """One image's parameters for every crop of the recipe."""
+        return [draw_photometric(spec, generator) for spec in self.specs]
+
+    def __call__(self, crops: List[torch.Tensor], params: List[torch.Tensor]) -> List[torch.Tensor]:
+        """`crops[i]` uint8 [B, C, H, W] augmented with `params[i]` [B, NUM_PARAMS] (from `draw`)."""
+        if len(crops) != len(self.specs) or len(params) != len(self.specs):
+            raise ValueError(f"expected {len(self.specs)} crops and parameter sets, got {len(crops)} and {len(params)}")
+        return [self.normalize(self.augment(crop.float() / 255.0, spec, p.to(crop.device)))
+                for crop, spec, p in zip(crops, self.specs, params)]
 
     @staticmethod
-    def augment(x: torch.Tensor, spec) -> torch.Tensor:
-        batch, device = x.shape[0], x.device
+    def augment(x: torch.Tensor, spec, params: torch.Tensor) -> torch.Tensor:
+        """Colour jitter (each image's ops in its own order), greyscale, blur, solarize."""
         jitter = spec.color_jitter
-        if jitter.p > 0:
-            selected = torch.rand(batch, device=device) < jitter.p
-            ops = {
-                0: (adjust_brightness, jitter.brightness, 1.0),
-                1: (adjust_contrast, jitter.contrast, 1.0),
-                2: (adjust_saturation, jitter.saturation, 1.0),
-                3: (adjust_hue, jitter.hue, 0.0),
-            }
-            for op_index in torch.randperm(4).tolist():
-                op, strength, identity = ops[op_index]
-                if strength <= 0:
-                    continue
-                low = max(0.0, identity - strength)
-                factor = _uniform(batch, low, identity + strength, device)
-                factor = torch.where(selected, factor, torch.full_like(factor, identity))
-                x = op(x, factor)
+        ops = [(adjust_brightness, jitter.brightness, BRIGHTNESS), (adjust_contrast, jitter.contrast, CONTRAST),
+               (adjust_saturation, jitter.saturation, SATURATION), (adjust_hue, jitter.hue, HUE)]
+        jittered = params[:, JITTER] > 0
+        if jitter.p > 0 and jittered.any():
+            order = params[:, ORDER].long()
+            x = x.clone()
+            for slot in range(4):
+                for op_index, (op, strength, column) in enumerate(ops):
+                    chosen = jittered & (order[:, slot] == op_index)
+                    if strength > 0 and chosen.any():
+                        x[chosen] = op(x[chosen], params[chosen, column].to(x.dtype))
         if spec.grayscale_p > 0 and x.shape[1] == 3:
-            selected = torch.rand(batch, device=device) < spec.grayscale_p
-            x = _where_images(selected, grey(x).expand_as(x), x)
-        if spec.blur_p > 0:
-            selected = torch.rand(batch, device=device) < spec.blur_p
-            if selected.any():
-                low, high = spec.blur_sigma
-                sigma = _uniform(int(selected.sum()), low, high, device)
-                kernel_size = 2 * math.ceil(3 * high) + 1
-                x = x.clone()
-                x[selected] = gaussian_blur(x[selected], sigma, kernel_size)
+            x = _where_images(params[:, GREY] > 0, grey(x).expand_as(x), x)
+        blurred = params[:, BLUR] > 0
+        if spec.blur_p > 0 and blurred.any():
+            kernel_size = 2 * math.ceil(3 * spec.blur_sigma[1]) + 1
+            x = x.clone()
+            x[blurred] = gaussian_blur(x[blurred], params[blurred, SIGMA].to(x.dtype), kernel_size)
         if spec.solarize_p > 0:
-            selected = torch.rand(batch, device=device) < spec.solarize_p
-            x = _where_images(selected, solarize(x), x)
+            x = _where_images(params[:, SOLARIZE] > 0, solarize(x), x)
         return x

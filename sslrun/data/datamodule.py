@@ -3,6 +3,11 @@
 A training batch is a dict (see shared/design.md): `views`, a list of float tensors [B, C, H, W],
 one per crop, global crops first; `label` [B] (-1 where unknown); `index` [B], the sample's
 position in the training split. Held-out evaluation batches are `(uint8 images, labels)`.
+
+Every random choice about an image (its crops, its photometric parameters) is drawn in the worker
+from a generator seeded by (run seed, epoch, index), and the order of images comes from
+`GlobalBatchSampler`: a run sees the same batches and the same views on any number of processes
+or workers, and resumes mid-epoch at the next unseen batch.
 """
 
 import logging
@@ -16,36 +21,54 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from sslrun.data.augment import PhotometricAugment
 from sslrun.data.datasets import Splits, build_splits
-from sslrun.data.transforms import CenterView, MultiCrop
+from sslrun.data.sampler import GlobalBatchSampler
+from sslrun.data.transforms import CenterView, MultiCrop, sample_generator
 
 log = logging.getLogger(__name__)
 
 
-class Views(Dataset):
-    """Applies a per-image transform and keeps the label and the sample index."""
+class TrainingViews(Dataset):
+    """Item (epoch, index): the image's crops, their photometric parameters, label and index."""
 
-    def __init__(self, base: Dataset, transform):
-        self.base, self.transform = base, transform
+    def __init__(self, base: Dataset, crops: MultiCrop, augment: PhotometricAugment, seed: int):
+        self.base, self.crops, self.augment, self.seed = base, crops, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        image, label = self.base[index]
+        generator = sample_generator(self.seed, epoch, index)
+        return self.crops(image, generator), self.augment.draw(generator), label, index
+
+
+class EvalViews(Dataset):
+    """Item index: the image in the evaluation view, and its label."""
+
+    def __init__(self, base: Dataset, view: CenterView):
+        self.base, self.view = base, view
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int):
         image, label = self.base[index]
-        return self.transform(image), label, index
+        return self.view(image), label
 
 
 def collate_views(samples):
-    crops, labels, indices = zip(*samples)
+    crops, params, labels, indices = zip(*samples)
     return {
         "views": [torch.stack(view) for view in zip(*crops)],
+        "photometric": [torch.stack(view) for view in zip(*params)],
         "label": torch.tensor(labels, dtype=torch.long),
         "index": torch.tensor(indices, dtype=torch.long),
     }
 
 
 def collate_eval(samples):
-    images, labels, _ = zip(*samples)
+    images, labels = zip(*samples)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
@@ -69,6 +92,7 @@ class SSLDataModule(L.LightningDataModule):
         self.cfg, self.views_cfg, self.eval_cfg = data_cfg, views_cfg, eval_cfg
         self.processes, self.seed = processes, seed
         self.per_process_batch = data_cfg.batch_size // processes
+        self.resume = None  # (epoch, global batches done) from a checkpoint
         self.num_workers = (
             data_cfg.num_workers if data_cfg.num_workers is not None else default_num_workers(processes_per_node)
         )
@@ -94,15 +118,16 @@ class SSLDataModule(L.LightningDataModule):
     def train_size(self) -> int:
         return len(self.load().train)
 
-    def _loader(self, dataset, batch_size, shuffle, drop_last, collate) -> DataLoader:
+    def _loader(self, dataset, batch_size, collate, sampler=None) -> DataLoader:
         pin_memory = self.cfg.pin_memory
         if pin_memory is None:
             pin_memory = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
+            sampler=sampler,
+            shuffle=False,
+            drop_last=sampler is not None,
             num_workers=self.num_workers,
             pin_memory=pin_memory,
             persistent_workers=self.cfg.persistent_workers and self.num_workers > 0,
@@ -110,9 +135,23 @@ class SSLDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        dataset = Views(self.load().train, MultiCrop(self.views_cfg))
-        # Lightning swaps in a DistributedSampler (shuffled per epoch) when several processes run.
-        return self._loader(dataset, self.per_process_batch, True, True, collate_views)
+        train = self.load().train
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = GlobalBatchSampler(len(train), self.per_process_batch, self.processes, rank, self.seed)
+        if self.resume is not None:
+            sampler.resume_at(*self.resume)
+        dataset = TrainingViews(train, MultiCrop(self.views_cfg), self.augment, self.seed)
+        return self._loader(dataset, self.per_process_batch, collate_views, sampler)
+
+    def state_dict(self) -> dict:
+        """Where training is in the data: the epoch and the global batches of it already trained
+        on (counted by the training loop, not by the loader, which reads ahead)."""
+        trained = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        epoch, batches = divmod(trained, self.train_size // self.cfg.batch_size)
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume = (state["epoch"], state["batches"])
 
     def eval_loaders(self, rank: int, world: int):
         """(bank, queries) loaders over this rank's shard of the kNN bank and held-out queries.
@@ -128,8 +167,8 @@ class SSLDataModule(L.LightningDataModule):
         queries = fixed_subset(splits.heldout, self.eval_cfg.knn.query_size, self.seed)
         return tuple(
             self._loader(
-                Subset(Views(part, view), list(range(rank, len(part), world))),
-                self.cfg.eval_batch_size, False, False, collate_eval,
+                Subset(EvalViews(part, view), list(range(rank, len(part), world))),
+                self.cfg.eval_batch_size, collate_eval,
             )
             for part in (bank, queries)
         )
@@ -144,7 +183,7 @@ class SSLDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and "views" in batch:
-            batch["views"] = self.augment(batch["views"])
+            batch["views"] = self.augment(batch["views"], batch.pop("photometric"))
         return batch
 
     def skipped_images(self) -> int:

@@ -1,20 +1,20 @@
 """The per-image half of a view recipe: geometry, run in the DataLoader workers.
 
 A recipe (augmentation config) is a list of crop specs. Each image gets `count` crops per spec,
-each a random resized crop with a random horizontal flip, returned as uint8 CHW tensors. The
+each a random resized crop with a random horizontal flip, returned as uint8 CHW tensors. All
+randomness comes from the generator passed in: one per image, seeded by its identity (see
+`sample_generator`). The
 photometric half (colour jitter, greyscale, blur, solarize, normalisation) runs batched on the
 training device, see `augment.py`: it is the expensive part and vectorises well, while crops of
 differently sized source images must be cut one image at a time.
 """
 
 import math
-import random
 from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import RandomResizedCrop
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -23,6 +23,40 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The random stream of one image in one epoch of a run: the same whichever process, worker
+    or batch it lands in, so runs on different numbers of processes see the same views."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def random_resized_crop_box(width: int, height: int, scale: Tuple[float, float], ratio: Tuple[float, float],
+                            generator: torch.Generator) -> Tuple[int, int, int, int]:
+    """(top, left, height, width) of a crop covering a random fraction `scale` of the image area
+    with a random aspect ratio (log-uniform in `ratio`): torchvision's RandomResizedCrop rule
+    (10 tries, then the largest centred crop the ratio range allows)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        target_area = area * (scale[0] + u[0] * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 class MultiCrop:
@@ -35,14 +69,14 @@ class MultiCrop:
             for _ in range(int(v.count))
         ]
 
-    def __call__(self, image: Image.Image) -> List[torch.Tensor]:
-        return [self._crop(image, *crop) for crop in self.crops]
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> List[torch.Tensor]:
+        return [self._crop(image, *crop, generator) for crop in self.crops]
 
     @staticmethod
-    def _crop(image, size, scale, ratio, flip_p) -> torch.Tensor:
-        top, left, height, width = RandomResizedCrop.get_params(image, list(scale), list(ratio))
+    def _crop(image, size, scale, ratio, flip_p, generator) -> torch.Tensor:
+        top, left, height, width = random_resized_crop_box(*image.size, scale, ratio, generator)
         crop = image.resize((size, size), Image.BILINEAR, box=(left, top, left + width, top + height))
-        if random.random() < flip_p:
+        if float(torch.rand(1, generator=generator)) < flip_p:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         return to_tensor(crop)
 

@@ -60,6 +60,9 @@ def convert_to_global_bn(module: nn.Module) -> nn.Module:
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
         )
         converted.load_state_dict(module.state_dict())
+        reference = module.running_mean if module.running_mean is not None else module.weight
+        if reference is not None:  # keep a double / half / GPU model's dtype and device
+            converted.to(device=reference.device, dtype=reference.dtype)
         for new, old in zip(converted.parameters(), module.parameters()):
             new.requires_grad_(old.requires_grad)  # a frozen BN (a momentum teacher's) stays frozen
         converted.train(module.training)

@@ -8,23 +8,28 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from sslrun.models.vit import crop_tokens
 
 
 @torch.no_grad()
 def class_attention(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The last block's attention from the class token to every patch, per head:
-    softmax(q_cls . k_j / sqrt(d)) over all tokens, kept for the patches; [B, heads, gh, gw]."""
-    x = crop_tokens(vit, images)
-    for block in vit.blocks[:-1]:
-        x = block(x)
+    softmax(q_cls . k_j / sqrt(d)) over all tokens, kept for the patches; [B, heads, gh, gw].
+
+    q and k are read from the model's own forward (hooks on the last attention's q/k norms), so
+    the picture works on any attention backend and on a sharded model."""
     attn = vit.blocks[-1].attn
-    batch, tokens, _ = x.shape
-    qkv = attn.qkv(vit.blocks[-1].norm1(x)).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
-    q, k = attn.q_norm(qkv[:, :, 0].transpose(1, 2)), attn.k_norm(qkv[:, :, 1].transpose(1, 2))
+    captured = {}
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(name, out))
+             for name, module in (("q", attn.q_norm), ("k", attn.k_norm))]
+    try:
+        vit.forward_features(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    q, k = captured["q"], captured["k"]  # [B, heads, tokens, head_dim]
     weights = (q[:, :, :1] * attn.head_dim ** -0.5 @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
     grid = vit.patch_embed.dynamic_feat_size(images.shape[-2:])
-    return weights[:, :, vit.num_prefix_tokens:].reshape(batch, attn.num_heads, *grid)
+    return weights[:, :, vit.num_prefix_tokens:].reshape(images.shape[0], attn.num_heads, *grid)
 
 
 @torch.no_grad()

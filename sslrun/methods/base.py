@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from sslrun.distributed.fsdp import fsdp_options, shard_method
 from sslrun.optim import WarmupCosine, build_optimizer, parameter_groups
 
 
@@ -29,8 +30,10 @@ class SSLMethod(L.LightningModule):
     num_views: Optional[int] = None  # views a method needs (None: any number)
 
     def __init__(self, backbone: nn.Module, optimizer_cfg, lr_schedule: WarmupCosine,
-                 num_classes: Optional[int], steps_per_epoch: int, config: Optional[dict] = None):
+                 num_classes: Optional[int], steps_per_epoch: int, config: Optional[dict] = None,
+                 sharding: Optional[dict] = None):
         super().__init__()
+        self.sharding = sharding  # trainer.fsdp under trainer=fsdp
         self.save_hyperparameters({"config": config or {}})
         self.backbone = backbone
         self.optimizer_cfg = optimizer_cfg
@@ -42,6 +45,16 @@ class SSLMethod(L.LightningModule):
             peak=optimizer_cfg.weight_decay, final=final_wd, total_steps=lr_schedule.total_steps)
         self.probe = nn.Linear(backbone.num_features, num_classes) if num_classes else None
         self.epoch_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        """Under trainer=fsdp Lightning calls this with the device mesh set: shard every module by
+        the plan in `distributed.fsdp` (once). Other strategies leave the model whole."""
+        if self._device_mesh is None or self.sharding is None or getattr(self, "_sharded", False):
+            return
+        options = dict(self.sharding)
+        checkpointing = options.pop("activation_checkpointing")
+        shard_method(self, fsdp_options(self._device_mesh["data_parallel"], **options), checkpointing)
+        self._sharded = True
 
     @property
     def eval_backbone(self) -> nn.Module:
@@ -63,7 +76,8 @@ class SSLMethod(L.LightningModule):
         out = self.training_loss(batch)
         loss = out.loss
         self.epoch_loss.update(loss.detach())
-        self.log("train/loss", loss.detach(), prog_bar=True)
+        # The loss of the global batch (the mean over processes), as one process would compute it.
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True)
         for name, value in out.metrics.items():
             self.log(f"train/{name}", value)
         if self.probe is not None:

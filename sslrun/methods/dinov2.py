@@ -3,7 +3,6 @@
 import random
 
 import torch
-import torch.nn as nn
 
 from sslrun.data.masking import batch_masks
 from sslrun.distributed import all_reduce_sum, rank
@@ -14,7 +13,7 @@ from sslrun.losses import (
 from sslrun.methods.dino import DINO
 from sslrun.methods.base import StepOutput
 from sslrun.models.heads import DINOHead
-from sslrun.models.vit import class_tokens, patch_tokens
+from sslrun.models.vit import MaskToken, class_tokens, patch_tokens
 from sslrun.optim import layerwise_groups
 
 
@@ -35,7 +34,7 @@ class DINOv2(DINO):
         super().__init__(cfg, **base)
         self.cfg = cfg
         width = self.backbone.num_features
-        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.mask_token = MaskToken(width)
         if cfg.ibot.separate_head:
             self.ibot_head = DINOHead.from_spec(width, cfg.ibot.head)
             self.teacher = self.momentum_teacher()

@@ -60,16 +60,18 @@ class NormalizedLinear(nn.Module):
 class DINOHead(nn.Module):
     """DINO's projection head (Caron et al. 2021, sec. 3.1 and appendix): an MLP (Linear-GELU,
     `hidden_dim` wide, `num_layers` Linear layers in all) down to a `bottleneck_dim` feature,
-    l2-normalised, then a weight-normalised Linear to `out_dim` prototypes (65536 in the paper)."""
+    l2-normalised, then a weight-normalised Linear to `out_dim` prototypes (65536 in the paper).
+    `batch_norm` puts BN after each hidden Linear (the reference code's `use_bn_in_head`): it
+    keeps short runs from collapsing (README, DINO on CPU)."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int, num_layers: int,
-                 norm_last_layer: bool):
+                 norm_last_layer: bool, batch_norm: bool = False):
         super().__init__()
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
         layers = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(d_in, d_out), nn.GELU()]
-        self.mlp = nn.Sequential(*layers[:-1])
+            layers += [nn.Linear(d_in, d_out), *([nn.BatchNorm1d(d_out)] if batch_norm else []), nn.GELU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(dims[-1], bottleneck_dim))
         for module in self.mlp:
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -85,4 +87,5 @@ class DINOHead(nn.Module):
 
     @classmethod
     def from_spec(cls, in_dim: int, spec) -> "DINOHead":
-        return cls(in_dim, spec.out_dim, spec.hidden_dim, spec.bottleneck_dim, spec.num_layers, spec.norm_last_layer)
+        return cls(in_dim, spec.out_dim, spec.hidden_dim, spec.bottleneck_dim, spec.num_layers, spec.norm_last_layer,
+                   spec.batch_norm)

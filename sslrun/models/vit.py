@@ -55,17 +55,28 @@ def require_packing(model: nn.Module, method: str) -> None:
                           f"backbone.attention set (backbone=vit_tiny_p4 for 28-32 px images, vit_small at 224 px)")
 
 
+class MaskToken(nn.Module):
+    """The learned embedding that stands in for masked patches (iBOT / DINOv2 masked image
+    modelling). A module, not a bare parameter, so that a sharded model gathers it when used."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(width))
+
+    def forward(self, patches: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """patches [B, N, D], mask [B, N] (bool): the masked ones replaced by the token."""
+        return torch.where(mask.unsqueeze(-1), self.token.to(patches.dtype), patches)
+
+
 def crop_tokens(vit: nn.Module, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask_token: Optional[MaskToken] = None) -> torch.Tensor:
     """[B, C, H, W] -> tokens [B, prefix + patches, D], the input of the first block.
 
     `mask` [B, patches] (bool) replaces those patch embeddings by `mask_token` before the position
     embedding is added (iBOT / DINOv2 masked image modelling)."""
     x = vit.patch_embed(images)
     if mask is not None:
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        flat = torch.where(mask.unsqueeze(-1), mask_token.to(flat.dtype), flat)
-        x = flat.view_as(x)
+        x = mask_token(x.reshape(x.shape[0], -1, x.shape[-1]), mask).view_as(x)
     return vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
 
 
@@ -115,7 +126,7 @@ def packed_block(block: nn.Module, x: torch.Tensor, packing: Packing,
 
 def packed_forward(vit: nn.Module, crops: Sequence[torch.Tensor],
                    masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                   mask_token: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+                   mask_token: Optional[MaskToken] = None) -> List[torch.Tensor]:
     """Run `crops` (each [B, C, H, W], any mix of sizes) through `vit` as one packed sequence.
 
     Returns the final-norm tokens per crop, [B, prefix + patches, D] each, in input order. The
@@ -138,7 +149,7 @@ def _packed_pass(vit: nn.Module, crops, masks, mask_token) -> List[torch.Tensor]
 
 def grouped_forward(vit: nn.Module, crops: Sequence[torch.Tensor],
                     masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                    mask_token: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+                    mask_token: Optional[MaskToken] = None) -> List[torch.Tensor]:
     """The unpacked way (DINO's reference code): one forward per run of same-size crops, batched.
 
     A run of equal-length segments is exactly a batch, so this is `packed_forward` per group.

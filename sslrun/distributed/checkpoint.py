@@ -1,0 +1,84 @@
+"""Checkpoints of sharded runs (torch.distributed.checkpoint) and consolidated weights.
+
+Under trainer=fsdp a checkpoint is a directory: one file of shards per process, `.metadata`
+(DCP's index, written last by the coordinator) and Lightning's `meta.pt` (loop, callback and
+data state). DCP reshards on load, so a run resumes on any number of processes.
+"""
+
+import os
+import shutil
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+
+SHARDED_FILES = (".metadata", "meta.pt")
+
+
+def is_complete_sharded_checkpoint(path: Union[str, Path]) -> bool:
+    path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in SHARDED_FILES)
+
+
+class AtomicShardedStrategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy, writing each sharded checkpoint into `<path>.tmp` and
+    then swapping it in, so a crash mid-save never destroys the previous checkpoint there; and
+    restoring optimizer state exactly, parameters without state (never stepped yet, such as
+    DINO's prototypes while frozen) included: they stay without state, as in the saved run."""
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        path = Path(self.broadcast(str(filepath)))
+        partial = path.with_name(path.name + ".tmp")
+        if self.is_global_zero and partial.exists():
+            shutil.rmtree(partial)
+        self.barrier()
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier()
+        if self.is_global_zero:
+            _swap_in(partial, path)
+        self.barrier()
+
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only)
+        model_state = {"state_dict": get_model_state_dict(self.model)}
+        dcp.load(model_state, checkpoint_id=path)
+        self.model.load_state_dict(model_state["state_dict"], strict=self.lightning_module.strict_loading)
+        saved = FileSystemReader(path).read_metadata().state_dict_metadata.keys()
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            state = get_optimizer_state_dict(self.model, optimizer)  # gives every parameter a state
+            stepped = {name for name in state["state"] if any(k.startswith(f"{key}.state.{name}.") for k in saved)}
+            state["state"] = {name: value for name, value in state["state"].items() if name in stepped}
+            dcp.load({key: state}, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+            optimizer.state.clear()
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state,
+                                     options=StateDictOptions(cpu_offload=True, strict=False))
+        return torch.load(path / "meta.pt", weights_only=weights_only)
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Put directory `new` at `path`; the old checkpoint there is deleted only once `new` is in place."""
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
+
+
+def full_state_dict(module: nn.Module) -> dict:
+    """The whole (unsharded) state dict of `module` on CPU, on process 0 (others get {}).
+    Collective under FSDP: every process must call it. Plain modules give their state dict."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options)
