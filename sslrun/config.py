@@ -585,9 +585,6 @@ def _check_values(cfg: DictConfig) -> None:
         _require(t.fsdp.param_dtype is None or t.fsdp.param_dtype in FSDP_PARAM_DTYPES,
                  f"trainer.fsdp.param_dtype={t.fsdp.param_dtype}: choose null (fp32) or one of: "
                  f"{', '.join(FSDP_PARAM_DTYPES)}")
-        _require(not t.fsdp.cpu_offload or t.accelerator == "gpu",
-                 "trainer.fsdp.cpu_offload=true: moves GPU parameters and optimizer state to CPU memory; "
-                 "it needs trainer.accelerator=gpu (on the CPU there is nothing to offload)")
     _require(t.max_epochs >= 1 or t.max_steps >= 1,
              "trainer.max_epochs / trainer.max_steps: set one of them to a positive number")
     _require(t.accumulate_grad_batches >= 1,

@@ -90,8 +90,6 @@ def test_several_devices_need_ddp():
 def test_fsdp_options_are_checked():
     assert "trainer.fsdp.param_dtype=fp8: choose null (fp32) or one of: bf16, fp16" in error_for(
         "trainer=fsdp", "trainer.fsdp.param_dtype=fp8")
-    assert "it needs trainer.accelerator=gpu" in error_for("trainer=fsdp", "trainer.fsdp.cpu_offload=true",
-                                                           "trainer.accelerator=cpu")
     assert check_overrides(["trainer=fsdp", "trainer.fsdp.param_dtype=bf16",
                             "trainer.fsdp.activation_checkpointing=true", "trainer.devices=1"]) is None
 

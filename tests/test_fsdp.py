@@ -137,8 +137,9 @@ def method_for(name):
                    "scheduler.warmup_epochs=0", "eval.enabled=false"])
     torch.manual_seed(0)
     schedule, steps_per_epoch = lr_schedule(cfg, 60000)
-    sharding = {"reshard_after_forward": True, "param_dtype": None, "cpu_offload": False,
-                "activation_checkpointing": name == "dino"}  # one method recomputes its blocks
+    sharding = {"reshard_after_forward": True, "param_dtype": None,
+                "cpu_offload": name == "byol",  # one method keeps its shards in CPU memory,
+                "activation_checkpointing": name == "dino"}  # one recomputes its blocks
     return build_method(cfg, schedule, None, steps_per_epoch), sharding, cfg
 
 
@@ -228,13 +229,23 @@ def _options_and_refusals(rank, world, out):
     method.backbone.register_forward_hook(lambda module, args, output: outputs.append(output.dtype))
     method.backbone(views[0][:2])
     loss, params, _ = one_step(method, views, rank, world, sharded=True)
+    # Activation checkpointing: a block's first norm runs again in backward (the recomputation).
+    from sslrun.distributed.fsdp import checkpoint_activations
+
+    vit = tiny_vit()
+    checkpoint_activations(vit)
+    shard_method(torch.nn.ModuleDict({"backbone": vit}), fsdp_options(mesh))
+    norm_calls = []
+    vit.blocks[0].norm1.register_forward_hook(lambda *args: norm_calls.append(1))
+    loss_of(packed_forward(vit, [c[rank * 4:(rank + 1) * 4] for c in crops()])).backward()
     if rank == 0:
-        torch.save({"expected": expected, "loss": loss, "compute": outputs[0],
+        torch.save({"expected": expected, "loss": loss, "compute": outputs[0], "norm_calls": len(norm_calls),
                     "stored": {p.dtype for p in params.values()}}, out / "options.pt")
 
 
-def test_bf16_parameters_and_a_bare_parameter_refused_by_name(tmp_path):
+def test_bf16_parameters_checkpointing_and_a_bare_parameter_refused_by_name(tmp_path):
     run_in_processes(_options_and_refusals, 2, tmp_path)
     got = torch.load(tmp_path / "options.pt", weights_only=False)
+    assert got["norm_calls"] == 2  # forward, then again in backward
     assert got["compute"] == torch.bfloat16 and got["stored"] == {torch.float32}
     assert got["loss"] == pytest.approx(got["expected"], rel=2e-2)  # bf16 rounding only

@@ -79,8 +79,8 @@ def fsdp_options(mesh, reshard_after_forward: bool = True, param_dtype: Optional
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if param_dtype is not None:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[param_dtype], reduce_dtype=torch.float32)
-    if cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
+    if cpu_offload:  # on a CPU-only run it changes nothing but still runs (tested there)
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     return options
 
 

@@ -44,8 +44,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             with torch.no_grad():
                 unbiased = var * total / (total - 1).clamp(min=1)
-                self.running_mean.lerp_(mean.detach(), momentum)
-                self.running_var.lerp_(unbiased.detach(), momentum)
+                # fp32 statistics also when the input is bf16 (FSDP's param_dtype, autocast)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), momentum)
 
         out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
