@@ -25,13 +25,17 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 
-def run_cli(*args, cwd=REPO, timeout=600, env=None, check=True, fresh=False, script=None):
+def run_cli(*args, cwd=REPO, timeout=600, env=None, check=True, fresh=False, script=None, ranks=1):
     """`python -m sslrun ARGS` (or `python SCRIPT ARGS`) in a process of its own (see
-    tests/processes.py); the CompletedProcess."""
-    from tests.processes import run_cli_process
+    tests/processes.py), or as `ranks` processes started as a cluster launcher starts them (give
+    trainer.devices=ranks); the CompletedProcess."""
+    from tests.processes import run_cli_process, run_cli_ranks
 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    result = run_cli_process(args, cwd, full_env, timeout, fresh=fresh, script=script)
+    if ranks > 1:
+        result = run_cli_ranks(args, cwd, full_env, timeout, ranks)
+    else:
+        result = run_cli_process(args, cwd, full_env, timeout, fresh=fresh, script=script)
     if check and result.returncode != 0:
         raise AssertionError(f"sslrun {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -108,3 +109,30 @@ def run_cli_process(args, cwd, env, timeout, fresh=False, script=None) -> subpro
             child.join()
             raise subprocess.TimeoutExpired(["sslrun", *args], timeout, out.read_text(), err.read_text())
         return subprocess.CompletedProcess(["sslrun", *args], child.exitcode, out.read_text(), err.read_text())
+
+
+def run_cli_ranks(args, cwd, env, timeout, world: int) -> subprocess.CompletedProcess:
+    """`python -m sslrun ARGS` as `world` processes started together, as a cluster launcher
+    (torchrun, SLURM) starts them: each forked from the warm server with its rank and the
+    rendezvous in its environment, so sslrun starts none itself and no process pays for imports.
+    The result carries process 0's output and the first failing exit code."""
+    args = [str(a) for a in args]
+    shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0",
+              "WORLD_SIZE": str(world)}
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = [(Path(tmp, f"stdout{r}"), Path(tmp, f"stderr{r}")) for r in range(world)]
+        children = [start_cli_process(args, cwd, {**env, **shared, "LOCAL_RANK": str(r)}, *outputs[r])
+                    for r in range(world)]
+        deadline = time.time() + timeout
+        for child in children:
+            child.join(max(0.0, deadline - time.time()))
+        if any(child.exitcode is None for child in children):
+            for child in children:
+                if child.exitcode is None:
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.join()
+            raise subprocess.TimeoutExpired(["sslrun", *args], timeout, outputs[0][0].read_text(),
+                                            outputs[0][1].read_text())
+        code = next((c.exitcode for c in children if c.exitcode), 0)
+        stderr = "".join(err.read_text() for _, err in outputs)
+        return subprocess.CompletedProcess(["sslrun", *args], code, outputs[0][0].read_text(), stderr)

@@ -41,7 +41,7 @@ def not_collapsed(summary) -> bool:
 def test_method_learns_on_two_cpu_processes(name, tmp_path):
     steps = 30
     run_cli(f"method={name}", *SMALL, *HEADS[name], "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-            f"trainer.max_steps={steps}", f"hydra.run.dir={tmp_path}")
+            f"trainer.max_steps={steps}", f"hydra.run.dir={tmp_path}", ranks=2)
     summary = read_summary(tmp_path)
     assert summary["method"] == name and summary["world_size"] == 2 and summary["global_step"] == steps
     assert summary["knn_top1"] > summary["knn_top1_random_init"] + 0.1, summary
@@ -120,7 +120,7 @@ def dino_runs(tmp_path_factory):
             runs[name] = tmp_path_factory.mktemp(name)
             run_cli(f"method={name}", *DINO_SMALL, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
                     f"trainer.max_steps={DINO_STEPS}", "method.freeze_last_layer_epochs=0.005",  # 9 of 1875 steps
-                    f"hydra.run.dir={runs[name]}")
+                    f"hydra.run.dir={runs[name]}", ranks=2)
         return runs[name]
     return run
 

@@ -38,7 +38,7 @@ def losses(run_dir):
 def dino_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dino")
     for name, strategy in STRATEGIES.items():
-        run_cli(*DINO, *strategy, f"hydra.run.dir={root / name}")
+        run_cli(*DINO, *strategy, f"hydra.run.dir={root / name}", ranks=1 if name == "single" else 2)
     return root
 
 
@@ -58,7 +58,7 @@ def test_simclr_under_ddp_and_fsdp_follows_the_single_process_curve(tmp_path):
     shown in float64 in test_distributed."""
     curves = {}
     for name, strategy in STRATEGIES.items():
-        run_cli(*SIMCLR, *strategy, f"hydra.run.dir={tmp_path / name}")
+        run_cli(*SIMCLR, *strategy, f"hydra.run.dir={tmp_path / name}", ranks=1 if name == "single" else 2)
         curves[name] = losses(tmp_path / name)
     assert len(curves["single"]) == 10 and curves["single"][-1] < curves["single"][0] - 1  # it trains
     for name in ("ddp", "fsdp"):
@@ -87,7 +87,8 @@ def test_killed_fsdp_run_resumes_on_two_processes_and_on_one(dino_runs, tmp_path
         for stale in (resumed / "checkpoints").glob("*"):
             if stale.name != "step=4.ckpt":
                 shutil.rmtree(stale)  # resume from step 4 whatever else the killed run wrote
-        result = run_cli(*DINO, "trainer=fsdp", f"trainer.devices={devices}", f"hydra.run.dir={resumed}")
+        result = run_cli(*DINO, "trainer=fsdp", f"trainer.devices={devices}", f"hydra.run.dir={resumed}",
+                         ranks=devices)
         assert "resuming from" in result.stdout + result.stderr
         summary = read_summary(resumed)
         assert summary["global_step"] == 10 and summary["world_size"] == devices

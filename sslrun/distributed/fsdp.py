@@ -9,8 +9,9 @@ so its EMA step (`models.ema.ema_update`) is local: no communication.
 
 A whole method (`shard_method`) is sharded module by module: each backbone as above, each other
 module with parameters (heads, predictors, the probe, DINOv2's mask token) as one unit, looking
-inside containers (ModuleList, plain Sequential, a momentum encoder) for them. Every unit is its
-own FSDP root, gathered around its own forward, so the method's training code stays unchanged.
+inside containers (ModuleList, plain Sequential, a momentum encoder) for them. Each of these
+(a backbone, a head) is its own FSDP root, gathered around its own forward (or registered
+method), so the method's training code stays unchanged.
 """
 
 import functools
