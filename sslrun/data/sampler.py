@@ -15,11 +15,11 @@ from torch.utils.data import Sampler
 
 
 class GlobalBatchSampler(Sampler):
-    def __init__(self, size: int, per_process_batch: int, world: int, rank: int, seed: int, shuffle: bool = True):
+    def __init__(self, size: int, per_process_batch: int, world: int, rank: int, seed: int):
         if size < per_process_batch * world:
             raise ValueError(f"{size} images cannot fill one global batch of {per_process_batch * world}")
         self.size, self.batch, self.world, self.rank = size, per_process_batch, world, rank
-        self.seed, self.shuffle = seed, shuffle
+        self.seed = seed
         self.epoch = 0
         self.resume: Optional[Tuple[int, int]] = None  # (epoch, global batches already trained on)
 
@@ -39,9 +39,7 @@ class GlobalBatchSampler(Sampler):
         return self.batches_per_epoch * self.batch
 
     def order(self, epoch: int) -> torch.Tensor:
-        """The global order of data set indices in `epoch`."""
-        if not self.shuffle:
-            return torch.arange(self.size)
+        """The global order of data set indices in `epoch`: a permutation drawn from (seed, epoch)."""
         return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
