@@ -68,6 +68,30 @@ def one_configuration(args) -> dict:
             "backend": method.backbone.block_diagonal_attention.name}
 
 
+def trainable_backends(device) -> dict:
+    """backend -> None when it can train on `device` (a tiny forward + backward runs), else why not.
+
+    An installed xformers may lack kernels for this GPU or this torch, so it is tried, not assumed."""
+    import torch
+
+    from sslrun.models.attention import BACKENDS, IMPLEMENTATIONS, Packing, unavailable_reason
+
+    reasons = {}
+    for name in (b for b in BACKENDS if b != "auto"):
+        reason = unavailable_reason(name, device)
+        if reason is None and name == "flex" and device.type == "cpu":
+            reason = "torch's flex_attention has no backward on CPU"
+        if reason is None:
+            try:
+                q = torch.randn(1, 2, 8, 16, device=device, requires_grad=True)
+                IMPLEMENTATIONS[name](q, q, q, Packing((4, 4))).sum().backward()
+            except Exception as error:  # noqa: BLE001 - any failure: not this backend
+                lines = f"{type(error).__name__}: {error}".strip().splitlines()
+                reason = lines[0][:300]
+        reasons[name] = reason
+    return reasons
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="vit_small")
@@ -87,7 +111,11 @@ def main() -> None:
     from bench import machine
 
     cuda = torch.cuda.is_available()
-    backends = ["xformers", "flex", "sdpa", "math"] if cuda else ["sdpa", "math"]  # flex: no CPU backward
+    reasons = trainable_backends(torch.device("cuda" if cuda else "cpu"))
+    backends = [name for name, reason in reasons.items() if reason is None]
+    skipped = {name: reason for name, reason in reasons.items() if reason is not None}
+    for name, reason in skipped.items():
+        print(f"{name}: skipped ({reason})", flush=True)
     results = []
     for attention in backends:
         for packed in ("true", "false"):
@@ -119,6 +147,7 @@ def main() -> None:
 - Setup: one DINO step (teacher on 2 global crops, student on 2 x 224 px + 10 x 96 px crops, loss, backward),
   {args.backbone}, 65536 prototypes, batch {args.batch}, {"bf16 autocast" if cuda else "fp32"}; median of {args.steps} steps after
   one warm-up step; each configuration in its own process. Peak memory: {memory}.
+- Skipped (cannot train here): {"; ".join(f"{n}: {r}" for n, r in skipped.items()) or "none"}
 
 | attention | packed ms/step | unpacked ms/step | packed speed-up | packed peak MB | unpacked peak MB |
 | --- | --- | --- | --- | --- | --- |

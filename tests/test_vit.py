@@ -85,6 +85,35 @@ def test_flex_attention_forward_equals_per_crop_forward():
             torch.testing.assert_close(p, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lengths", [(5, 5, 3, 3, 4), (197, 197, 37, 37, 37, 37, 50), (128, 128), (300,), (1,) * 300,
+                                     (127, 129, 128, 256, 255, 257), (256, 100, 28, 128, 128, 1)])
+def test_flex_block_mask_is_create_block_masks_without_the_dense_mask(lengths):
+    """flex's BlockMask, built from segment bounds per 128-token block, equals torch's own
+    create_block_mask (which evaluates the dense tokens x tokens mask) tensor for tensor."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from sslrun.models.attention import flex_block_mask
+
+    packing = Packing(lengths)
+    ids = packing.segment_ids("cpu")
+    expected = create_block_mask(lambda b, h, q, k: ids[q] == ids[k], None, None, packing.total, packing.total,
+                                 device="cpu")
+    got = flex_block_mask(packing, "cpu")
+    assert got.seq_lengths == expected.seq_lengths and got.BLOCK_SIZE == expected.BLOCK_SIZE
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+                 "full_q_num_blocks", "full_q_indices"):
+        a, b = getattr(got, name), getattr(expected, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_a_subset_of_crops_is_a_varying_packing():
+    """Efficient stochastic depth's random subsets are marked, so flex compiles them for dynamic shapes."""
+    packing = Packing((4, 4, 2, 2))
+    assert not packing.varying
+    subset = packing.subset(torch.tensor([0, 2]))
+    assert subset.varying and subset == Packing((4, 2))
+
+
 def test_flex_refuses_to_train_on_cpu_with_a_clear_error():
     vit = tiny_vit("flex")
     with pytest.raises(ConfigError, match="no backward on CPU.*sdpa or auto"):
@@ -242,3 +271,16 @@ def test_patch_pca_colours_are_the_top_principal_components_scaled_to_unit_range
     attention = attention_picture(uint8, class_attention(vit, images))
     assert attention.size == (4 * 98 + 2, BATCH * 98 + 2)  # image + 3 heads per row, 96 px tiles
     assert pca_picture(uint8, rgb).size == (BATCH * 98 + 2, 2 * 98 + 2)
+
+
+def test_patch_pca_is_computed_in_fp32_under_a_bf16_run():
+    """Under trainer.precision=bf16-mixed the pictures run in autocast; the PCA must not (numpy
+    has no bf16: found on a GPU run)."""
+    from sslrun.eval.pictures import patch_pca, pca_picture
+
+    vit = tiny_vit().eval()
+    images = multi_crop()[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rgb = patch_pca(vit, images)
+    assert rgb.dtype == torch.float32
+    pca_picture((torch.rand(BATCH, 1, 28, 28) * 255).to(torch.uint8), rgb)

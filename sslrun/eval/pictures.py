@@ -38,12 +38,13 @@ def patch_pca(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     over the batch, as RGB: [B, gh, gw, 3]. Matching parts get matching colours across images."""
     tokens = vit.forward_features(images)[:, vit.num_prefix_tokens:].float()
     batch, patches, dim = tokens.shape
-    flat = tokens.reshape(-1, dim)
-    flat = flat - flat.mean(dim=0)
-    _, _, v = torch.linalg.svd(flat, full_matrices=False)
-    components = flat @ v[:3].t()
-    low, high = components.min(dim=0).values, components.max(dim=0).values
-    rgb = (components - low) / (high - low).clamp_min(1e-8)
+    with torch.autocast(images.device.type, enabled=False):  # fp32 PCA under a bf16/fp16 run too
+        flat = tokens.reshape(-1, dim)
+        flat = flat - flat.mean(dim=0)
+        _, _, v = torch.linalg.svd(flat, full_matrices=False)
+        components = flat @ v[:3].t()
+        low, high = components.min(dim=0).values, components.max(dim=0).values
+        rgb = (components - low) / (high - low).clamp_min(1e-8)
     grid = vit.patch_embed.dynamic_feat_size(images.shape[-2:])
     return rgb.reshape(batch, *grid, 3)
 

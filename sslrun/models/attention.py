@@ -18,7 +18,7 @@ there too, but its CPU kernel is slower than SDPA's and compiling costs a minute
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import List, Tuple
 
@@ -33,9 +33,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Packing:
-    """Segment lengths of a packed sequence, in order (one segment per crop of one image)."""
+    """Segment lengths of a packed sequence, in order (one segment per crop of one image).
+
+    `varying`: the lengths change from call to call (a random subset of the crops, as efficient
+    stochastic depth makes), so a shape-specialised compiled kernel would recompile at every call."""
 
     lengths: Tuple[int, ...]
+    varying: bool = field(default=False, compare=False)
 
     @property
     def total(self) -> int:
@@ -68,7 +72,7 @@ class Packing:
         return torch.repeat_interleave(starts[segments], chosen) + offsets
 
     def subset(self, segments: torch.Tensor) -> "Packing":
-        return Packing(tuple(self.lengths[i] for i in segments.tolist()))
+        return Packing(tuple(self.lengths[i] for i in segments.tolist()), varying=True)
 
 
 def math_attention(q, k, v, packing: Packing) -> torch.Tensor:
@@ -91,32 +95,75 @@ def sdpa_attention(q, k, v, packing: Packing) -> torch.Tensor:
     return torch.cat(outputs, dim=1).unsqueeze(0)
 
 
-_compiled_flex = None
+FLEX_BLOCK = 128  # flex_attention's default sparse block size (tokens per query / key block)
+_compiled_flex: dict = {}  # torch.compile's `dynamic` -> the compiled flex_attention
 _block_masks: dict = {}
 
 
-def flex_attention(q, k, v, packing: Packing) -> torch.Tensor:
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import create_block_mask
+def flex_block_mask(packing: Packing, device, block: int = FLEX_BLOCK):
+    """The BlockMask of the block-diagonal (same-segment) mask, built from the segment bounds.
+
+    It is what `create_block_mask(same_segment, None, None, total, total)` returns, tensor for
+    tensor, but computed per pair of 128-token blocks, O((tokens / 128)^2), instead of from the
+    dense tokens x tokens mask that `create_block_mask` evaluates (eagerly: int64 intermediates
+    of that size, about 21 GB on the GPU for DINO's 12 crops x 64 images = 48,896 tokens).
+    Segments are contiguous and in order, so the segments a block touches are the range from its
+    first token's to its last token's; two blocks share a segment when those ranges overlap
+    (a partial block: `same_segment` is evaluated in it), and every pair of tokens is allowed when
+    both are complete blocks inside one and the same segment (a full block: no mask evaluated)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    ids = packing.segment_ids(device)
+
+    def same_segment(b, h, q_idx, kv_idx):
+        return ids[q_idx] == ids[kv_idx]
+
+    total = packing.total
+    starts = torch.arange(0, total, block, device=device)
+    ends = torch.clamp(starts + block, max=total) - 1
+    first, last = ids[starts], ids[ends]
+    touching = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    inside_one = (first == last) & (ends - starts + 1 == block)  # a complete block in one segment
+    full = inside_one[:, None] & inside_one[None, :] & (first[:, None] == first[None, :])
+    partial = touching & ~full
+
+    def ordered(dense):  # as torch orders them: the count per query block, used key blocks first
+        dense = dense.to(torch.int32)[None, None]
+        return dense.sum(dim=-1).to(torch.int32), torch.argsort(dense, dim=-1, descending=True,
+                                                                 stable=True).to(torch.int32)
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=(block, block),
+                                    mask_mod=same_segment, seq_lengths=(total, total))
+
+
+def _flex_kernel(dynamic):
     from torch.nn.attention.flex_attention import flex_attention as flex
 
+    if dynamic not in _compiled_flex:
+        _compiled_flex[dynamic] = torch.compile(flex, dynamic=dynamic)
+    return _compiled_flex[dynamic]
+
+
+def flex_attention(q, k, v, packing: Packing) -> torch.Tensor:
+    """Compiled for fixed shapes (the packings of a run repeat every step). A varying packing
+    (efficient stochastic depth: a random subset of crops, a new length nearly every call) goes to
+    a kernel with automatic dynamic shapes on CUDA: with fixed shapes each new length would
+    recompile, and after torch._dynamo's recompile limit (8) flex would run unfused, materialising
+    the tokens x tokens scores. (On CPU, where flex only evaluates, inductor fails to build the
+    dynamic-shape kernel, so it keeps fixed shapes there.)"""
     if q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled():
         raise ConfigError("backbone.attention=flex: torch's flex_attention has no backward on CPU, so it cannot "
                           "train here (it can evaluate); use backbone.attention=sdpa or auto on CPU")
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex, dynamic=False)
+    varying = packing.varying and q.device.type == "cuda"
     key = (packing.lengths, q.device)
-    if key not in _block_masks:
-        ids = packing.segment_ids(q.device)
-
-        def same_segment(b, h, q_idx, kv_idx):
-            return ids[q_idx] == ids[kv_idx]
-
-        if len(_block_masks) > 64:
-            _block_masks.clear()
-        _block_masks[key] = create_block_mask(same_segment, None, None, packing.total, packing.total,
-                                              device=q.device)
-    return _compiled_flex(q, k, v, block_mask=_block_masks[key])
+    block_mask = _block_masks.get(key)
+    if block_mask is None:
+        block_mask = flex_block_mask(packing, q.device)
+        if not varying:  # a random subset rarely comes back: caching it would only evict the others
+            if len(_block_masks) > 64:
+                _block_masks.clear()
+            _block_masks[key] = block_mask
+    return _flex_kernel(None if varying else False)(q, k, v, block_mask=block_mask)
 
 
 def xformers_attention(q, k, v, packing: Packing) -> torch.Tensor:
