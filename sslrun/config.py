@@ -177,6 +177,40 @@ class DINOv2DistillConfig(DINOv2Config):
     teacher_run: str = MISSING  # run directory of a trained method=dinov2 run
 
 
+@dataclass
+class TextTowerSpec:
+    """models.text.TextTransformer: a causal transformer over CLIP's BPE tokens."""
+
+    context_length: int = MISSING
+    width: int = MISSING
+    layers: int = MISSING
+    heads: int = MISSING
+
+
+@dataclass
+class CLIPConfig:
+    name: str = MISSING
+    embed_dim: int = MISSING
+    logit_scale_init: float = MISSING
+    max_logit_scale: float = MISSING
+    local_loss: bool = MISSING
+    micro_batches: int = MISSING
+    text: TextTowerSpec = field(default_factory=TextTowerSpec)
+    prompts: List[str] = MISSING
+
+
+@dataclass
+class SigLIPConfig:
+    name: str = MISSING
+    embed_dim: int = MISSING
+    logit_scale_init: float = MISSING
+    logit_bias_init: float = MISSING
+    max_logit_scale: float = MISSING
+    micro_batches: int = MISSING
+    text: TextTowerSpec = field(default_factory=TextTowerSpec)
+    prompts: List[str] = MISSING
+
+
 METHODS: Dict[str, type] = {
     "simclr": SimCLRConfig,
     "mocov2": MoCoV2Config,
@@ -188,6 +222,8 @@ METHODS: Dict[str, type] = {
     "dino": DINOConfig,
     "dinov2": DINOv2Config,
     "dinov2_distill": DINOv2DistillConfig,
+    "clip": CLIPConfig,
+    "siglip": SigLIPConfig,
 }
 
 
@@ -233,6 +269,24 @@ class STL10Config(DataConfig):
     train_split: str = MISSING
 
 
+@dataclass
+class CaptionFileConfig(DataConfig):
+    train_file: str = MISSING
+    val_file: Optional[str] = MISSING
+    image_column: str = MISSING
+    caption_column: str = MISSING
+
+
+@dataclass
+class ShardsConfig(DataConfig):
+    train_shards: str = MISSING
+    train_samples: int = MISSING
+    shuffle_buffer: int = MISSING
+    val_file: Optional[str] = MISSING
+    image_column: str = MISSING
+    caption_column: str = MISSING
+
+
 DATASETS: Dict[str, type] = {
     "fashion_mnist": DataConfig,
     "mnist5k": DataConfig,
@@ -240,6 +294,8 @@ DATASETS: Dict[str, type] = {
     "cifar10": DataConfig,
     "cifar100": DataConfig,
     "stl10": STL10Config,
+    "csv": CaptionFileConfig,
+    "webdataset": ShardsConfig,
 }
 
 
@@ -303,6 +359,7 @@ class LARSConfig(OptimizerBase):
 class AdamWConfig(OptimizerBase):
     betas: List[float] = MISSING
     eps: float = MISSING
+    fused: bool = MISSING
 
 
 OPTIMIZERS: Dict[str, type] = {"sgd": SGDConfig, "lars": LARSConfig, "adamw": AdamWConfig}
@@ -676,6 +733,27 @@ def _check_values(cfg: DictConfig) -> None:
                      f"(backbone.timm_kwargs.patch_size={patch})")
     _require(cfg.backbone.attention is None or cfg.backbone.attention in ATTENTION_BACKENDS,
              f"backbone.attention={cfg.backbone.attention}: choose one of: {', '.join(ATTENTION_BACKENDS)}")
+
+    if "text" in m:  # image-text methods
+        _require(m.text.context_length >= 2, f"method.text.context_length={m.text.context_length}: must be at least 2 "
+                 f"(start and end tokens)")
+        _require(m.text.width % m.text.heads == 0,
+                 f"method.text.width={m.text.width}: must divide by method.text.heads={m.text.heads}")
+        _require(1 <= m.logit_scale_init <= m.max_logit_scale,
+                 f"method.logit_scale_init={m.logit_scale_init}: must lie in [1, method.max_logit_scale="
+                 f"{m.max_logit_scale}]")
+        _require(len(m.prompts) > 0, "method.prompts: give at least one template, e.g. ['a photo of a {}.']")
+        for prompt in m.prompts:
+            _require(prompt.count("{}") == 1,
+                     f"method.prompts: {prompt!r} must hold the class name's place '{{}}' exactly once")
+        _require(t.accumulate_grad_batches == 1,
+                 f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}: averaging micro-batch losses drops "
+                 f"negatives from method={m.name}'s loss; use method.micro_batches={t.accumulate_grad_batches} "
+                 f"instead (the same loss as one big batch, less activation memory)")
+        per_process = d.batch_size // world
+        _require(m.micro_batches >= 1 and per_process % m.micro_batches == 0,
+                 f"method.micro_batches={m.micro_batches}: must divide the {per_process} images per process "
+                 f"(data.batch_size={d.batch_size} / {world} processes)")
 
     if "teacher_run" in m:
         problem = _teacher_problem(cfg)

@@ -21,9 +21,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from sslrun import config as config_lib
-from sslrun.callbacks import AtomicCheckpointIO, CollapseMonitor, OnlineEvaluation, Pictures, Throughput
+from sslrun.callbacks import (AtomicCheckpointIO, CollapseMonitor, ImageTextEvaluation, OnlineEvaluation, Pictures,
+                              Throughput)
 from sslrun.config import ConfigError
-from sslrun.data.datamodule import SSLDataModule
+from sslrun.data.datamodule import Captions, SSLDataModule
+from sslrun.data.datasets import Shards
+from sslrun.data.tokenizer import Tokenizer
 from sslrun.distributed import convert_to_global_bn
 from sslrun.distributed.checkpoint import AtomicShardedStrategy, full_state_dict, is_complete_sharded_checkpoint
 from sslrun.methods import METHODS
@@ -54,11 +57,13 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
                           "trainer.accelerator=cpu or auto")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    captions = (Captions(Tokenizer(cfg.method.text.context_length), list(cfg.method.prompts))
+                if getattr(method_cls, "image_text", False) else None)
     datamodule = SSLDataModule(cfg.data, cfg.augmentation.views, cfg.eval, processes=world,
-                               processes_per_node=cfg.trainer.devices, seed=cfg.seed)
+                               processes_per_node=cfg.trainer.devices, seed=cfg.seed, captions=captions)
     splits = datamodule.load()
     schedule, steps_per_epoch = lr_schedule(cfg, len(splits.train))
-    evaluate = cfg.eval.enabled and splits.heldout is not None
+    evaluate = cfg.eval.enabled and splits.heldout is not None and splits.num_classes > 0
     method = build_method(cfg, schedule, splits.num_classes if evaluate and cfg.eval.linear_probe else None,
                           steps_per_epoch)
 
@@ -66,8 +71,13 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
         OnlineEvaluation(datamodule, cfg.eval.knn, cfg.eval.every_n_epochs, splits.num_classes)
         if evaluate else None
     )
+    image_text_evaluation = (
+        ImageTextEvaluation(datamodule, splits.class_names, cfg.eval.every_n_epochs)
+        if captions is not None and cfg.eval.enabled and splits.heldout is not None else None
+    )
+    has_images_to_draw = splits.heldout is not None or not isinstance(splits.train, Shards)
     pictures = (Pictures(datamodule, run_dir / "pictures", cfg.eval.every_n_epochs, cfg.eval.pictures)
-                if cfg.eval.pictures and is_vit(method.backbone) else None)
+                if cfg.eval.pictures and is_vit(method.backbone) and has_images_to_draw else None)
     throughput = Throughput(cfg.data.batch_size)
     collapse = CollapseMonitor()
     checkpoint_dir = run_dir / "checkpoints"
@@ -94,7 +104,8 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.progress_bar,
         logger=_logger(cfg, run_dir),
-        callbacks=[c for c in (evaluation, pictures, collapse, throughput, checkpoints, *callbacks) if c is not None],
+        callbacks=[c for c in (evaluation, image_text_evaluation, pictures, collapse, throughput, checkpoints, *callbacks)
+                   if c is not None],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
         num_sanity_val_steps=0,
@@ -118,6 +129,9 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
 
     summary = _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoints, started,
                        steps_per_epoch)
+    if image_text_evaluation is not None:
+        summary.update(image_text_evaluation.results)
+        summary["image_text_eval_protocol"] = image_text_evaluation.protocol()
     summary.update(collapse.summary())
     if trainer.is_global_zero:
         path = run_dir / "summary.json"
@@ -294,10 +308,11 @@ def _summary(cfg, trainer, method, datamodule, evaluation, throughput, checkpoin
     """The run's results (design notes: summary.json). Collective: every process must call it."""
     final_loss = method.epoch_loss.compute().item() if method.epoch_loss.update_count else float("nan")
     skipped = torch.tensor([datamodule.skipped_images()], dtype=torch.long)
-    skipped = int(trainer.strategy.reduce(skipped.to(method.device), reduce_op="max").item())
+    device = trainer.strategy.root_device  # the training device (Lightning moves a single-device model back to CPU)
+    skipped = int(trainer.strategy.reduce(skipped.to(device), reduce_op="max").item())
     results = evaluation.results if evaluation is not None else {}
-    if torch.cuda.is_available() and method.device.type == "cuda":
-        peak = {"peak_memory_mb": torch.cuda.max_memory_allocated(method.device) / 2**20,
+    if device.type == "cuda":
+        peak = {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
                 "peak_memory_kind": "cuda max allocated, process 0"}
     else:
         peak = {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -37,11 +37,15 @@ def test_groups_are_the_documented_ones():
 @pytest.mark.parametrize("group,option", list(all_options()))
 def test_every_option_composes_and_validates(group, option, tmp_path):
     # 224 px: ViT backbones with 16 px patches refuse 28 px crops (tested below).
-    overrides = ["data.root=/some/where", "data.image_size=224"]
+    overrides = ["data.root=/some/where", "data.image_size=224", *REQUIRED.get(option if group == "data" else "", [])]
     teacher = teacher_for(option if group == "method" else "", tmp_path, *overrides)
     cfg = validate(compose_cfg(f"{group}={option}", *overrides, *teacher))
     if group in ("method", "data", "scheduler", "trainer", "logger"):  # option file = name
         assert cfg[group].name == option.removesuffix("_vit")
+
+
+REQUIRED = {"csv": ["data.train_file=/pairs.csv"],  # data options whose files have no default
+            "webdataset": ["data.train_shards='/shards/{0..9}.tar'", "data.train_samples=1000"]}
 
 
 def test_default_config_is_complete_and_typed():
@@ -198,3 +202,19 @@ def test_local_sweep_with_several_processes_is_refused(tmp_path):
                      f"hydra.sweep.dir={tmp_path}", cwd=tmp_path, check=False, timeout=120, fresh=True)
     assert result.returncode == 2
     assert "cannot run in a local sweep" in result.stdout + result.stderr
+
+
+def test_image_text_options_are_checked():
+    assert validate(compose_cfg("method=clip")).method.text.context_length == 16  # the quick recipe's tower
+    with pytest.raises(ConfigError, match=r"method.prompts: 'a photo' must hold the class name's place '\{\}'"):
+        validate(compose_cfg("method=clip", "method.prompts=[a photo]"))
+    with pytest.raises(ConfigError, match="method.micro_batches=3: must divide the 128 images per process"):
+        validate(compose_cfg("method=siglip", "method.micro_batches=3"))
+    with pytest.raises(ConfigError, match="method.text.width=100: must divide by method.text.heads=8"):
+        validate(compose_cfg("method=clip", "method.text.width=100", "method.text.heads=8"))
+    with pytest.raises(ConfigError, match="method.logit_scale_init=200.0: must lie in"):
+        validate(compose_cfg("method=clip", "method.logit_scale_init=200"))
+    with pytest.raises(ConfigError, match="trainer.accumulate_grad_batches=2: .* use method.micro_batches=2 instead"):
+        validate(compose_cfg("method=clip", "trainer.accumulate_grad_batches=2"))
+    with pytest.raises(ConfigError, match="data.train_file: no value given"):
+        validate(compose_cfg("method=clip", "data=csv"))

@@ -120,12 +120,16 @@ def test_sharded_resnet_per_stage_equals_the_unsharded_one(tmp_path):
 # ---------------------------------------------------------------------------- every method
 RESNET = ["backbone.timm_kwargs={channels:[8,16,32,64]}"]
 VIT = ["backbone.timm_kwargs.embed_dim=48", "backbone.timm_kwargs.depth=2"]
+TEXT = ["method.text.width=32", "method.text.layers=2", "method.text.heads=2", "method.text.context_length=8",
+        "method.embed_dim=16"]
 METHOD_OVERRIDES = {
     "simclr": RESNET, "mocov2": RESNET + ["method.queue_size=64"], "mocov3": RESNET, "byol": RESNET,
     "simsiam": RESNET, "barlow_twins": RESNET + ["method.projector.hidden_dim=64", "method.projector.out_dim=64"],
     "vicreg": RESNET + ["method.projector.hidden_dim=64", "method.projector.out_dim=64"],
     "mocov3_vit": VIT, "dino": VIT + ["method.head.out_dim=256"],
     "dinov2": VIT + ["method.head.out_dim=256", "method.ibot.head.out_dim=256"],
+    "clip": VIT + TEXT + ["method.micro_batches=2"],  # the text tower shards per block too
+    "siglip": VIT + TEXT,
 }
 
 
@@ -145,8 +149,10 @@ def method_for(name):
 
 def method_views(cfg):
     g = torch.Generator().manual_seed(7)
-    return [torch.randn(8, 1, view.size, view.size, generator=g) for view in cfg.augmentation.views
-            for _ in range(view.count)]
+    views = [torch.randn(8, 1, view.size, view.size, generator=g) for view in cfg.augmentation.views
+             for _ in range(view.count)]
+    text = torch.randint(1, 1000, (8, cfg.method.text.context_length), generator=g) if "text" in cfg.method else None
+    return views, text
 
 
 def one_step(method, views, rank, world, sharded):
@@ -157,7 +163,12 @@ def one_step(method, views, rank, world, sharded):
     optimizer = method.configure_optimizers()
     before = {n: p.detach().clone() for n, p in method.named_parameters() if not isinstance(p, DTensor)}
     torch.manual_seed(11 + rank)  # the same masks / shuffles in both runs
-    loss = method.training_loss({"views": [v[rank * 4:(rank + 1) * 4] for v in views]}).loss
+    views, text = views
+    batch = {"views": [v[rank * 4:(rank + 1) * 4] for v in views]}
+    if text is not None:  # image-text methods: token ids with an end token (the highest id)
+        batch["text"] = text[rank * 4:(rank + 1) * 4].clone()
+        batch["text"][:, -1] = 49407
+    loss = method.training_loss(batch).loss
     loss.backward()
     if not sharded:  # DDP's gradient averaging
         for p in method.parameters():
@@ -227,7 +238,7 @@ def _options_and_refusals(rank, world, out):
     shard_method(method, fsdp_options(mesh, reshard_after_forward=False, param_dtype="bf16"))
     outputs = []
     method.backbone.register_forward_hook(lambda module, args, output: outputs.append(output.dtype))
-    method.backbone(views[0][:2])
+    method.backbone(views[0][0][:2])
     loss, params, _ = one_step(method, views, rank, world, sharded=True)
     # Activation checkpointing: a block's first norm runs again in backward (the recomputation).
     from sslrun.distributed.fsdp import checkpoint_activations

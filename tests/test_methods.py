@@ -208,7 +208,7 @@ def test_mocov3_freezes_a_vit_patch_projection_and_refuses_other_backbones():
 def test_every_method_is_registered_with_a_schema_and_configs():
     from sslrun.config import METHODS as SCHEMAS
 
-    assert set(METHODS) == set(SCHEMAS) == set(NAMES) | {"dino", "dinov2", "dinov2_distill"}
+    assert set(METHODS) == set(SCHEMAS) == set(NAMES) | {"dino", "dinov2", "dinov2_distill", "clip", "siglip"}
     for name in METHODS:
         for group in ("method", "optimizer", "augmentation", "backbone"):
             assert (CONF_DIR / group / f"{name}.yaml").is_file(), (group, name)

@@ -52,11 +52,30 @@ def test_bias_and_norm_parameters_are_excluded():
 @pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("lars", LARS)])
 def test_build_optimizer(name, cls):
     cfg = OmegaConf.create({"name": name, "momentum": 0.9, "nesterov": False, "betas": [0.9, 0.95], "eps": 1e-8,
-                            "trust_coefficient": 0.001})
+                            "trust_coefficient": 0.001, "fused": True})
     model = nn.Linear(3, 2)
     groups = parameter_groups(model.named_parameters(), 0.01, True)
     optimizer = build_optimizer(cfg, groups, lr=0.2)
     assert isinstance(optimizer, cls) and all(g["lr"] == 0.2 for g in optimizer.param_groups)
+    if name == "adamw":
+        assert optimizer.defaults["fused"] and optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+def test_fused_adamw_takes_the_foreach_step():
+    """optimizer.fused=true (the default) is only a faster kernel: the same update as foreach."""
+    torch.manual_seed(0)
+    models = [nn.Linear(6, 4) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(8, 6)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.05, fused=fused)
+                  for m, fused in zip(models, (False, True))]
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_warmup_cosine_closed_form():

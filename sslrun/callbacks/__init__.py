@@ -5,5 +5,6 @@ from sslrun.callbacks.collapse import CollapseMonitor
 from sslrun.callbacks.online_eval import OnlineEvaluation
 from sslrun.callbacks.pictures import Pictures
 from sslrun.callbacks.throughput import Throughput
+from sslrun.callbacks.zero_shot import ImageTextEvaluation
 
-__all__ = ["AtomicCheckpointIO", "CollapseMonitor", "OnlineEvaluation", "Pictures", "Throughput"]
+__all__ = ["AtomicCheckpointIO", "CollapseMonitor", "ImageTextEvaluation", "OnlineEvaluation", "Pictures", "Throughput"]

@@ -7,23 +7,20 @@ scores the same gathered set (so FSDP-sharded models work too).
 """
 
 import logging
-from typing import Dict, Optional
 
-import lightning as L
 import torch
 
+from sslrun.callbacks.schedule import PeriodicEvaluation
 from sslrun.distributed import gather_rows
 from sslrun.eval import knn_classify
 
 log = logging.getLogger(__name__)
 
 
-class OnlineEvaluation(L.Callback):
+class OnlineEvaluation(PeriodicEvaluation):
     def __init__(self, datamodule, knn_cfg, every_n_epochs: int, num_classes: int):
-        self.datamodule, self.knn_cfg = datamodule, knn_cfg
-        self.every_n_epochs, self.num_classes = every_n_epochs, num_classes
-        self.results: Dict[str, float] = {}  # random-init, pixel and latest numbers; checkpointed
-        self.evaluated_at_step: Optional[int] = None
+        super().__init__(every_n_epochs)
+        self.datamodule, self.knn_cfg, self.num_classes = datamodule, knn_cfg, num_classes
 
     def protocol(self) -> dict:
         bank, queries = self.knn_cfg.bank_size, self.knn_cfg.query_size
@@ -50,21 +47,6 @@ class OnlineEvaluation(L.Callback):
         if trainer.is_global_zero:
             log.info("kNN top-1 before training: %.4f (raw pixels: %.4f)",
                      self.results["knn_top1_random_init"], self.results["knn_top1_pixels"])
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.evaluated_at_step != trainer.global_step:
-            self.evaluate(trainer, pl_module)
-
-    def state_dict(self) -> dict:
-        return {"results": dict(self.results), "evaluated_at_step": self.evaluated_at_step}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.results = dict(state_dict["results"])
-        self.evaluated_at_step = state_dict["evaluated_at_step"]
 
     # ------------------------------------------------------------------ work
     def evaluate(self, trainer, pl_module) -> None:

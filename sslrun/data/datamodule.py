@@ -2,7 +2,9 @@
 
 A training batch is a dict (see shared/design.md): `views`, a list of float tensors [B, C, H, W],
 one per crop, global crops first; `label` [B] (-1 where unknown); `index` [B], the sample's
-position in the training split. Held-out evaluation batches are `(uint8 images, labels)`.
+position in the training split; for image-text methods `text` [B, L], the caption's token ids
+(one of the image's captions, drawn per epoch). Held-out evaluation batches are
+`(uint8 images, labels)`, and `(uint8 images, labels, caption tokens)` for image-text evaluation.
 
 Every random choice about an image (its crops, its photometric parameters) is drawn in the worker
 from a generator seeded by (run seed, epoch, index), and the order of images comes from
@@ -10,37 +12,66 @@ from a generator seeded by (run seed, epoch, index), and the order of images com
 or workers, and resumes mid-epoch at the next unseen batch.
 """
 
+import io
 import logging
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional
 
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sslrun.data.augment import PhotometricAugment
-from sslrun.data.datasets import Splits, build_splits
+from sslrun.data.datasets import IMAGE_MODES, CaptionFile, ClassCaptions, DataError, Shards, Splits, build_splits
+from sslrun.data.shards import ShardStream
 from sslrun.data.sampler import GlobalBatchSampler
+from sslrun.data.tokenizer import Tokenizer
 from sslrun.data.transforms import CenterView, MultiCrop, sample_generator
 
 log = logging.getLogger(__name__)
 
 
-class TrainingViews(Dataset):
-    """Item (epoch, index): the image's crops, their photometric parameters, label and index."""
+@dataclass
+class Captions:
+    """What image-text methods need from the data: a tokenizer, and the prompt templates that
+    caption images which have only a class label."""
 
-    def __init__(self, base: Dataset, crops: MultiCrop, augment: PhotometricAugment, seed: int):
+    tokenizer: Tokenizer
+    prompts: List[str]
+
+    def tokens(self, captions: List[str], generator: torch.Generator) -> torch.Tensor:
+        """The token ids [L] of one of `captions`, drawn with `generator`."""
+        choice = int(torch.randint(len(captions), (1,), generator=generator)) if len(captions) > 1 else 0
+        return self.tokenizer(captions[choice])[0]
+
+
+class TrainingViews(Dataset):
+    """Item (epoch, index): the image's crops, their photometric parameters, label and index, and
+    with `captions` the token ids of one of its captions."""
+
+    def __init__(self, base: Dataset, crops: MultiCrop, augment: PhotometricAugment, seed: int,
+                 captions: Optional[Captions] = None):
         self.base, self.crops, self.augment, self.seed = base, crops, augment, seed
+        self.captions = captions
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key):
         epoch, index = key
-        image, label = self.base[index]
+        return self.make(self.base[index], epoch, index)
+
+    def make(self, item: tuple, epoch: int, index: int) -> tuple:
+        """A training sample from a data set item (image, label[, captions])."""
+        image, label = item[:2]
         generator = sample_generator(self.seed, epoch, index)
-        return self.crops(image, generator), self.augment.draw(generator), label, index
+        sample = (self.crops(image, generator), self.augment.draw(generator), label, index)
+        if self.captions is not None:
+            sample += (self.captions.tokens(item[2], generator),)
+        return sample
 
 
 class EvalViews(Dataset):
@@ -53,23 +84,76 @@ class EvalViews(Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int):
-        image, label = self.base[index]
+        image, label = self.base[index][:2]
         return self.view(image), label
 
 
+class ShardItems:
+    """A raw sample of a tar shard -> a training sample, as TrainingViews makes from an item."""
+
+    IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+    def __init__(self, views: TrainingViews, mode: str):
+        self.views, self.mode = views, mode
+
+    def __call__(self, sample: dict, epoch: int, index: int) -> tuple:
+        image_bytes = next((sample[ext] for ext in self.IMAGE_EXTENSIONS if ext in sample), None)
+        if image_bytes is None or "txt" not in sample:
+            raise DataError(f"sample {sample['__key__']}: needs an image (.{'/.'.join(self.IMAGE_EXTENSIONS)}) "
+                            f"and a caption (.txt)")
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            image = image.convert(self.mode)
+        label = int(sample["cls"]) if "cls" in sample else -1
+        return self.views.make((image, label, [sample["txt"].decode("utf-8")]), epoch, index)
+
+
+class EpochLoader(DataLoader):
+    """A loader over a ShardStream that tells the stream its epoch each time an epoch's iteration
+    starts (Lightning sets the epoch of samplers only, and a stream has none)."""
+
+    def __init__(self, *args, current_epoch: Callable[[], int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.current_epoch = current_epoch
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.current_epoch())
+        return super().__iter__()
+
+
+class HeldOutPairs(Dataset):
+    """Item index: the held-out image in the evaluation view, its label and its caption's token ids
+    (for class-labelled data, one prompt drawn from (seed, index): the same every evaluation)."""
+
+    def __init__(self, base: Dataset, view: CenterView, captions: Captions, seed: int):
+        self.base, self.view, self.captions, self.seed = base, view, captions, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, label, captions = self.base[index]
+        return self.view(image), label, self.captions.tokens(captions, sample_generator(self.seed, 0, index))
+
+
 def collate_views(samples):
-    crops, params, labels, indices = zip(*samples)
-    return {
+    crops, params, labels, indices = [part for part in zip(*samples)][:4]
+    batch = {
         "views": [torch.stack(view) for view in zip(*crops)],
         "photometric": [torch.stack(view) for view in zip(*params)],
         "label": torch.tensor(labels, dtype=torch.long),
         "index": torch.tensor(indices, dtype=torch.long),
     }
+    if len(samples[0]) == 5:
+        batch["text"] = torch.stack([sample[4] for sample in samples])
+    return batch
 
 
 def collate_eval(samples):
-    images, labels = zip(*samples)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+    images, labels = [part for part in zip(*samples)][:2]
+    batch = (torch.stack(images), torch.tensor(labels, dtype=torch.long))
+    if len(samples[0]) == 3:
+        batch += (torch.stack([sample[2] for sample in samples]),)
+    return batch
 
 
 def default_num_workers(processes_per_node: int) -> int:
@@ -87,8 +171,10 @@ def fixed_subset(dataset: Dataset, size: Optional[int], seed: int) -> Dataset:
 
 
 class SSLDataModule(L.LightningDataModule):
-    def __init__(self, data_cfg, views_cfg, eval_cfg, processes: int, processes_per_node: int, seed: int):
+    def __init__(self, data_cfg, views_cfg, eval_cfg, processes: int, processes_per_node: int, seed: int,
+                 captions: Optional[Captions] = None):
         super().__init__()
+        self.captions = captions  # image-text methods
         self.cfg, self.views_cfg, self.eval_cfg = data_cfg, views_cfg, eval_cfg
         self.processes, self.seed = processes, seed
         self.per_process_batch = data_cfg.batch_size // processes
@@ -98,11 +184,16 @@ class SSLDataModule(L.LightningDataModule):
         )
         self.augment = PhotometricAugment(views_cfg, data_cfg.mean, data_cfg.std)
         self.splits: Optional[Splits] = None
+        self.stream: Optional[ShardStream] = None  # data=webdataset, once its loader exists
 
     def load(self) -> Splits:
         """Open the data set (cheap checks first: called before training starts)."""
         if self.splits is None:
             self.splits = build_splits(self.cfg)
+            if self.captions is not None:
+                self.splits.train = self._captioned(self.splits.train)
+                if self.splits.heldout is not None:
+                    self.splits.heldout = self._captioned(self.splits.heldout)
             log.info(
                 "data %s: %d training images, %s held-out, %d classes",
                 self.cfg.name, len(self.splits.train),
@@ -110,6 +201,15 @@ class SSLDataModule(L.LightningDataModule):
                 self.splits.num_classes,
             )
         return self.splits
+
+    def _captioned(self, dataset: Dataset) -> Dataset:
+        """Image-text pairs: caption files as they are, labelled images captioned by the prompts."""
+        if isinstance(dataset, (CaptionFile, Shards)):
+            return dataset
+        if self.splits.class_names is None:
+            raise DataError(f"data={self.cfg.name}: an image-text method needs captions or class names; use "
+                            f"data=csv or data=webdataset, or a labelled data set (fashion_mnist, imagefolder, ...)")
+        return ClassCaptions(dataset, self.splits.class_names, self.captions.prompts)
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.load()
@@ -137,11 +237,27 @@ class SSLDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         train = self.load().train
         rank = self.trainer.global_rank if self.trainer is not None else 0
+        views = TrainingViews(train, MultiCrop(self.views_cfg), self.augment, self.seed, self.captions)
+        if isinstance(train, Shards):
+            return self._stream_loader(train, views, rank)
         sampler = GlobalBatchSampler(len(train), self.per_process_batch, self.processes, rank, self.seed)
         if self.resume is not None:
             sampler.resume_at(*self.resume)
-        dataset = TrainingViews(train, MultiCrop(self.views_cfg), self.augment, self.seed)
-        return self._loader(dataset, self.per_process_batch, collate_views, sampler)
+        return self._loader(views, self.per_process_batch, collate_views, sampler)
+
+    def _stream_loader(self, shards: Shards, views: TrainingViews, rank: int) -> DataLoader:
+        self.stream = ShardStream(shards.files, self.per_process_batch, self.processes, rank, self.seed,
+                                  shards.samples, ShardItems(views, IMAGE_MODES[self.cfg.channels]), collate_views,
+                                  self.cfg.shuffle_buffer)
+        self.stream.check_workers(self.num_workers)
+        if self.resume is not None:
+            self.stream.resume_at(*self.resume)
+        pin_memory = self.cfg.pin_memory
+        if pin_memory is None:
+            pin_memory = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return EpochLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory,
+                           persistent_workers=self.cfg.persistent_workers and self.num_workers > 0,
+                           current_epoch=lambda: self.trainer.current_epoch if self.trainer is not None else 0)
 
     def state_dict(self) -> dict:
         """Where training is in the data: the epoch and the global batches of it already trained
@@ -160,7 +276,7 @@ class SSLDataModule(L.LightningDataModule):
         with the evaluation view. Each rank reads every `world`-th item; callers gather.
         """
         splits = self.load()
-        if splits.heldout is None:
+        if splits.heldout is None or splits.num_classes == 0:
             return None
         view = CenterView(self.cfg.image_size, self.cfg.eval_crop_fraction)
         bank = fixed_subset(splits.train, self.eval_cfg.knn.bank_size, self.seed)
@@ -172,6 +288,18 @@ class SSLDataModule(L.LightningDataModule):
             )
             for part in (bank, queries)
         )
+
+    def heldout_pairs_loader(self, rank: int, world: int) -> Optional[DataLoader]:
+        """This rank's share of the held-out image-text pairs (the kNN queries' subset), batches
+        of (uint8 images, labels, caption tokens); callers gather."""
+        splits = self.load()
+        if splits.heldout is None or self.captions is None:
+            return None
+        view = CenterView(self.cfg.image_size, self.cfg.eval_crop_fraction)
+        pairs = HeldOutPairs(fixed_subset(splits.heldout, self.eval_cfg.knn.query_size, self.seed), view,
+                             self.captions, self.seed)
+        return self._loader(Subset(pairs, list(range(rank, len(pairs), world))), self.cfg.eval_batch_size,
+                            collate_eval)
 
     def sample_images(self, count: int) -> torch.Tensor:
         """The first `count` held-out images (training images when there is no held-out split)
@@ -187,4 +315,5 @@ class SSLDataModule(L.LightningDataModule):
         return batch
 
     def skipped_images(self) -> int:
-        return sum(getattr(split, "skipped", 0) for split in (self.load().train, self.load().heldout))
+        sources = (self.load().train, self.load().heldout, self.stream)
+        return sum(getattr(source, "skipped", 0) for source in sources)

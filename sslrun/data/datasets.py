@@ -12,7 +12,7 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 from PIL import Image
@@ -48,13 +48,41 @@ class ArrayImages(Dataset):
         return image, int(self.labels[index])
 
 
-class ImageFiles(Dataset):
-    """An ImageNet-style folder, `<root>/<class>/<image>`, that skips unreadable images.
+class SkipUnreadable:
+    """Reads item `index`, or the next readable one when its file fails to decode: the failure is
+    logged once and flagged in a table shared with the DataLoader workers (so `skipped` counts each
+    bad file once across workers and epochs), so one corrupt JPEG never stops a run."""
 
-    A file that fails to decode is logged once, flagged in a table shared with the DataLoader
-    workers (so `skipped` counts each bad file once across workers and epochs), and replaced by
-    the next readable image, so one corrupt JPEG never stops a run.
-    """
+    def __init__(self, size: int):
+        self._bad = multiprocessing.RawArray(ctypes.c_bool, size)
+
+    @property
+    def skipped(self) -> int:
+        """Distinct files found unreadable so far (in this process and its workers)."""
+        return int(np.frombuffer(self._bad, dtype=np.bool_).sum())
+
+    def read(self, index: int, describe: Callable[[int], str], load: Callable[[int], tuple]):
+        size = len(self._bad)
+        for attempt in range(size):
+            candidate = (index + attempt) % size
+            if self._bad[candidate]:
+                continue
+            try:
+                return load(candidate)
+            except Exception as error:  # PIL raises many types for bad files
+                self._bad[candidate] = True
+                log.warning("skipping unreadable image %s (%s: %s)", describe(candidate), type(error).__name__, error)
+        raise DataError("no readable image left in the data set")
+
+
+def open_image(path, mode: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert(mode)
+
+
+class ImageFiles(Dataset):
+    """An ImageNet-style folder, `<root>/<class>/<image>`; unreadable images are skipped
+    (`SkipUnreadable`)."""
 
     EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -76,36 +104,86 @@ class ImageFiles(Dataset):
             raise DataError(f"{root}: the class folders hold no images ({', '.join(self.EXTENSIONS)})")
         self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
         self.mode = mode
-        self._bad = multiprocessing.RawArray(ctypes.c_bool, len(self.samples))
+        self.reader = SkipUnreadable(len(self.samples))
 
     def __len__(self) -> int:
         return len(self.samples)
 
     @property
     def skipped(self) -> int:
-        """Distinct files found unreadable so far (in this process and its workers)."""
-        return int(np.frombuffer(self._bad, dtype=np.bool_).sum())
+        return self.reader.skipped
 
     def __getitem__(self, index: int):
-        for attempt in range(len(self.samples)):
-            candidate = (index + attempt) % len(self.samples)
-            if self._bad[candidate]:
-                continue
-            path, label = self.samples[candidate]
-            try:
-                with Image.open(path) as image:
-                    return image.convert(self.mode), label
-            except Exception as error:  # PIL raises many types for bad files
-                self._bad[candidate] = True
-                log.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)
-        raise DataError("no readable image left in the data set")
+        return self.reader.read(index, lambda i: self.samples[i][0],
+                                lambda i: (open_image(self.samples[i][0], self.mode), self.samples[i][1]))
+
+
+class CaptionFile(Dataset):
+    """Image-caption pairs listed in a CSV or TSV file with a header row (tab-separated when the
+    name ends in .tsv): an image path (relative to the file's folder, or absolute) and a caption
+    per row. Items are `(image, -1, [caption])`; unreadable images are skipped (`SkipUnreadable`)."""
+
+    def __init__(self, path: str, image_column: str, caption_column: str, mode: str):
+        import csv
+
+        file = Path(path)
+        if not file.is_file():
+            raise DataError(f"{path}: no such file; give a CSV/TSV of image paths and captions")
+        with open(file, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if file.suffix.lower() == ".tsv" else ",")
+            columns = reader.fieldnames or []
+            for column in (image_column, caption_column):
+                if column not in columns:
+                    raise DataError(f"{path}: no column {column!r} (columns: {', '.join(columns) or 'none'}); "
+                                    f"set data.image_column / data.caption_column")
+            rows = [(row[image_column], row[caption_column]) for row in reader]
+        if not rows:
+            raise DataError(f"{path}: no rows after the header")
+        self.paths = [str(Path(p) if Path(p).is_absolute() else file.parent / p) for p, _ in rows]
+        self.captions = [caption for _, caption in rows]
+        if not Path(self.paths[0]).is_file():
+            raise DataError(f"{path}: its first image {self.paths[0]} does not exist; image paths are read "
+                            f"relative to the file's folder")
+        self.mode = mode
+        self.reader = SkipUnreadable(len(rows))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def skipped(self) -> int:
+        return self.reader.skipped
+
+    def __getitem__(self, index: int):
+        return self.reader.read(index, lambda i: self.paths[i],
+                                lambda i: (open_image(self.paths[i], self.mode), -1, [self.captions[i]]))
+
+
+class ClassCaptions(Dataset):
+    """A labelled image data set as image-text pairs: item `(image, label, captions)` with one
+    caption per prompt template, filled with the image's class name (CLIP's prompts)."""
+
+    def __init__(self, base: Dataset, class_names: List[str], prompts: List[str]):
+        self.base, self.class_names, self.prompts = base, class_names, list(prompts)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def skipped(self) -> int:
+        return getattr(self.base, "skipped", 0)
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        return image, label, [prompt.format(self.class_names[label]) for prompt in self.prompts]
 
 
 @dataclass
 class Splits:
     train: Dataset
-    heldout: Optional[Dataset]  # None: no labelled held-out split (online evaluation is skipped)
-    num_classes: int
+    heldout: Optional[Dataset]  # None: no held-out split (online evaluation is skipped)
+    num_classes: int  # 0: unlabelled (image-text files)
+    class_names: Optional[List[str]] = None
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -115,6 +193,11 @@ def _read_idx(path: Path) -> np.ndarray:
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                         "ankle boot"]
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def fashion_mnist(cfg) -> Splits:
@@ -131,7 +214,8 @@ def fashion_mnist(cfg) -> Splits:
         )
     arrays = [_read_idx(root / name) for name in files]
     mode = IMAGE_MODES[cfg.channels]
-    return Splits(ArrayImages(arrays[0], arrays[1], mode), ArrayImages(arrays[2], arrays[3], mode), 10)
+    return Splits(ArrayImages(arrays[0], arrays[1], mode), ArrayImages(arrays[2], arrays[3], mode), 10,
+                  FASHION_MNIST_CLASSES)
 
 
 def mnist5k(cfg) -> Splits:
@@ -149,7 +233,7 @@ def mnist5k(cfg) -> Splits:
     train = position_in_class < 400
     mode = IMAGE_MODES[cfg.channels]
     return Splits(ArrayImages(images[train], labels[train], mode),
-                  ArrayImages(images[~train], labels[~train], mode), 10)
+                  ArrayImages(images[~train], labels[~train], mode), 10, DIGITS)
 
 
 def image_folder(cfg) -> Splits:
@@ -171,7 +255,7 @@ def image_folder(cfg) -> Splits:
             log.warning("no %s/ folder in %s: online evaluation is skipped", cfg.val_dir, root)
     except DataError as error:
         raise DataError(f"data.root={root}: {error}") from None
-    return Splits(train, heldout, len(train.classes))
+    return Splits(train, heldout, len(train.classes), [name.replace("_", " ") for name in train.classes])
 
 
 def _torchvision(cfg, build: Callable, expected: str) -> Splits:
@@ -179,7 +263,7 @@ def _torchvision(cfg, build: Callable, expected: str) -> Splits:
     if not root.is_dir() and not cfg.download:
         raise DataError(f"data.root={root}: no such directory (set data.download=true to fetch {expected})")
     try:
-        train, heldout, num_classes = build(str(root))
+        train, heldout, class_names = build(str(root))
     except RuntimeError as error:
         if "download=True" not in str(error):
             raise
@@ -188,7 +272,7 @@ def _torchvision(cfg, build: Callable, expected: str) -> Splits:
             f"folder that holds it, or set data.download=true to fetch it"
         ) from None
     mode = IMAGE_MODES[cfg.channels]
-    return Splits(ArrayImages(*train, mode), ArrayImages(*heldout, mode), num_classes)
+    return Splits(ArrayImages(*train, mode), ArrayImages(*heldout, mode), len(class_names), class_names)
 
 
 def cifar(cfg, classes: int) -> Splits:
@@ -198,7 +282,7 @@ def cifar(cfg, classes: int) -> Splits:
 
     def build(root):
         parts = [kind(root, train=train, download=cfg.download) for train in (True, False)]
-        return [(p.data, np.asarray(p.targets)) for p in parts] + [classes]
+        return [(p.data, np.asarray(p.targets)) for p in parts] + [list(parts[0].classes)]
 
     folder = "cifar-10-batches-py" if classes == 10 else "cifar-100-python"
     return _torchvision(cfg, build, f"CIFAR-{classes} ({folder}/)")
@@ -210,9 +294,39 @@ def stl10(cfg) -> Splits:
     def build(root):
         train = datasets.STL10(root, split=cfg.train_split, download=cfg.download)
         test = datasets.STL10(root, split="test", download=cfg.download)
-        return [(p.data.transpose(0, 2, 3, 1), p.labels) for p in (train, test)] + [10]
+        return [(p.data.transpose(0, 2, 3, 1), p.labels) for p in (train, test)] + [list(train.classes)]
 
     return _torchvision(cfg, build, "STL-10 (stl10_binary/)")
+
+
+def caption_file(cfg) -> Splits:
+    mode = IMAGE_MODES[cfg.channels]
+    train = CaptionFile(cfg.train_file, cfg.image_column, cfg.caption_column, mode)
+    heldout = CaptionFile(cfg.val_file, cfg.image_column, cfg.caption_column, mode) if cfg.val_file else None
+    return Splits(train, heldout, 0)
+
+
+@dataclass
+class Shards:
+    """Training pairs streamed from tar shards (data/shards.py): the files, and the samples that
+    make an epoch (a stream has no length of its own)."""
+
+    files: List[str]
+    samples: int
+
+    def __len__(self) -> int:
+        return self.samples
+
+
+def tar_shards(cfg) -> Splits:
+    from sslrun.data.shards import expand_shards
+
+    if cfg.train_samples < 1:
+        raise DataError(f"data.train_samples={cfg.train_samples}: give the number of samples in the shards (or "
+                        f"the epoch length you want)")
+    mode = IMAGE_MODES[cfg.channels]
+    heldout = CaptionFile(cfg.val_file, cfg.image_column, cfg.caption_column, mode) if cfg.val_file else None
+    return Splits(Shards(expand_shards(cfg.train_shards), cfg.train_samples), heldout, 0)
 
 
 BUILDERS: dict = {
@@ -222,6 +336,8 @@ BUILDERS: dict = {
     "cifar10": lambda cfg: cifar(cfg, 10),
     "cifar100": lambda cfg: cifar(cfg, 100),
     "stl10": stl10,
+    "csv": caption_file,
+    "webdataset": tar_shards,
 }
 
 

@@ -1,5 +1,7 @@
 """All-gather that carries gradients, and a gather of unequal row counts for evaluation."""
 
+from typing import List
+
 import torch
 import torch.distributed as dist
 
@@ -72,3 +74,42 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
     return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)])
+
+
+def _send_receive(tensor: torch.Tensor, to_rank: int, from_rank: int) -> torch.Tensor:
+    received = torch.empty_like(tensor)
+    requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, to_rank),
+                                       dist.P2POp(dist.irecv, received, from_rank)])
+    for request in requests:
+        request.wait()
+    return received
+
+
+class _ExchangeWithGrad(torch.autograd.Function):
+    """Forward: send this process's tensor to `to_rank`, receive `from_rank`'s. Backward: the
+    gradient goes back the way the tensor came (to `from_rank`, from `to_rank`)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, to_rank: int, from_rank: int) -> torch.Tensor:
+        ctx.to_rank, ctx.from_rank = to_rank, from_rank
+        return _send_receive(tensor.contiguous(), to_rank, from_rank)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _send_receive(grad.contiguous(), ctx.from_rank, ctx.to_rank), None, None
+
+
+def exchange_with_neighbours(tensor: torch.Tensor) -> List[torch.Tensor]:
+    """[this process's tensor, then the tensors of ranks r-1, r-2, ... ]: W blocks in W - 1 steps
+    round the ring, each step passing the last block received to the right-hand neighbour.
+    Differentiable: each block's gradient travels back round the ring to its owner.
+
+    SigLIP's way across devices: each process sees every block once without ever holding the
+    gathered batch, and the traffic per step is one block per process."""
+    blocks = [tensor]
+    if not is_distributed():
+        return blocks
+    world, me = dist.get_world_size(), dist.get_rank()
+    for _ in range(world - 1):
+        blocks.append(_ExchangeWithGrad.apply(blocks[-1], (me + 1) % world, (me - 1) % world))
+    return blocks

@@ -5,6 +5,7 @@ caller's job (sslrun.distributed), so every loss can be checked on one process.
 """
 
 from sslrun.losses.barlow_twins import barlow_twins_loss
+from sslrun.losses.clip import clip_loss, siglip_loss
 from sslrun.losses.cosine import byol_loss, negative_cosine_similarity
 from sslrun.losses.dino import (
     centered_teacher_probs, dino_loss, entropy, ibot_patch_loss, koleo_loss, mean_over_batch, sinkhorn_knopp,
@@ -15,7 +16,7 @@ from sslrun.losses.nt_xent import nt_xent_loss
 from sslrun.losses.vicreg import vicreg_loss
 
 __all__ = [
-    "barlow_twins_loss", "byol_loss", "centered_teacher_probs", "dino_loss", "entropy", "ibot_patch_loss",
+    "barlow_twins_loss", "clip_loss", "siglip_loss", "byol_loss", "centered_teacher_probs", "dino_loss", "entropy", "ibot_patch_loss",
     "koleo_loss", "mean_over_batch", "sinkhorn_knopp", "update_center", "infonce_batch_loss", "infonce_queue_loss", "negative_cosine_similarity",
     "nt_xent_loss", "vicreg_loss",
 ]

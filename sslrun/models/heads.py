@@ -1,5 +1,6 @@
 """Projection and prediction heads, built from a spec: MLP heads and DINO's prototype head."""
 
+import math
 from typing import Optional
 
 import torch
@@ -89,3 +90,29 @@ class DINOHead(nn.Module):
     def from_spec(cls, in_dim: int, spec) -> "DINOHead":
         return cls(in_dim, spec.out_dim, spec.hidden_dim, spec.bottleneck_dim, spec.num_layers, spec.norm_last_layer,
                    spec.batch_norm)
+
+
+class LogitScale(nn.Module):
+    """The learned inverse temperature of an image-text loss, kept as its log t (CLIP: scale e^t,
+    t starting at ln(1/0.07), at most ln 100; SigLIP: t from ln 10), with SigLIP's learned logit
+    bias b when `bias` is given. Each is a 1-element parameter (FSDP2 shards no 0-d tensor), so
+    it gets no weight decay (optim.parameter_groups: <= 1-d).
+
+    Called (`t, b = logit_scale()`, 0-d copies) rather than read, so that FSDP gathers it like any
+    module (a view of the gathered parameter would outlive the reshard after forward)."""
+
+    def __init__(self, initial_scale: float, max_scale: float, bias: Optional[float] = None):
+        super().__init__()
+        if not 1.0 <= initial_scale <= max_scale:
+            raise ValueError(f"logit scale {initial_scale}: must lie in [1, {max_scale}]")
+        self.log_scale = nn.Parameter(torch.tensor([math.log(initial_scale)]))
+        self.bias = nn.Parameter(torch.tensor([float(bias)])) if bias is not None else None
+        self.max_log_scale = math.log(max_scale)
+
+    def forward(self):
+        return self.log_scale.clone().squeeze(0), self.bias.clone().squeeze(0) if self.bias is not None else None
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep t in [0, ln max_scale] (CLIP, sec. 2.5); run after every optimizer step."""
+        self.log_scale.clamp_(0.0, self.max_log_scale)

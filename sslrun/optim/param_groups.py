@@ -73,5 +73,5 @@ def build_optimizer(cfg, groups: List[dict], lr: float) -> torch.optim.Optimizer
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused)
     raise ValueError(f"optimizer.name={cfg.name}: unknown optimizer")

@@ -1,0 +1,35 @@
+"""When online evaluations run, shared by the kNN / probe and the image-text evaluations."""
+
+from typing import Dict, Optional
+
+import lightning as L
+
+
+class PeriodicEvaluation(L.Callback):
+    """Calls `evaluate` every `every_n_epochs` epochs (0: never) and once at the end of training,
+    not twice at one step. `results` (the latest numbers, and the before-training baselines the
+    subclass records) and the last evaluated step travel in checkpoints, so a resumed run neither
+    repeats nor loses them. Subclasses implement `evaluate` and set `evaluated_at_step` in it."""
+
+    def __init__(self, every_n_epochs: int):
+        self.every_n_epochs = every_n_epochs
+        self.results: Dict[str, float] = {}
+        self.evaluated_at_step: Optional[int] = None
+
+    def evaluate(self, trainer, pl_module) -> None:
+        raise NotImplementedError
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.evaluated_at_step != trainer.global_step:
+            self.evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"results": dict(self.results), "evaluated_at_step": self.evaluated_at_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.results = dict(state_dict["results"])
+        self.evaluated_at_step = state_dict["evaluated_at_step"]
