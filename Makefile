@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS   ?=
 
-.PHONY: install data train test test-fast bench clean
+.PHONY: install data train test test-fast bench report clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: install data
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_multicrop.py
 	$(BIN)/python scripts/bench_memory.py
+
+# Compare finished runs (a sweep directory or run directories): report.md, loss.png, knn.png.
+RUNS ?=
+report: install
+	$(BIN)/python -m sslrun.report $(RUNS)
 
 clean:
 	rm -rf $(VENV) outputs multirun *.egg-info
