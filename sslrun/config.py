@@ -188,27 +188,26 @@ class TextTowerSpec:
 
 
 @dataclass
-class CLIPConfig:
+class ImageTextConfig:
+    """What CLIP and SigLIP share: the towers, the shared space, the learned scale, prompts."""
+
     name: str = MISSING
     embed_dim: int = MISSING
     logit_scale_init: float = MISSING
     max_logit_scale: float = MISSING
-    local_loss: bool = MISSING
     micro_batches: int = MISSING
     text: TextTowerSpec = field(default_factory=TextTowerSpec)
     prompts: List[str] = MISSING
 
 
 @dataclass
-class SigLIPConfig:
-    name: str = MISSING
-    embed_dim: int = MISSING
-    logit_scale_init: float = MISSING
+class CLIPConfig(ImageTextConfig):
+    local_loss: bool = MISSING
+
+
+@dataclass
+class SigLIPConfig(ImageTextConfig):
     logit_bias_init: float = MISSING
-    max_logit_scale: float = MISSING
-    micro_batches: int = MISSING
-    text: TextTowerSpec = field(default_factory=TextTowerSpec)
-    prompts: List[str] = MISSING
 
 
 METHODS: Dict[str, type] = {
