@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS   ?=
 
-.PHONY: install data train test test-fast bench report clean
+.PHONY: install data slurm train test test-fast bench report docker clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ data:
 train: install data
 	$(BIN)/python -m sslrun $(ARGS)
 
-test: install data
+# A single-node SLURM cluster for the SLURM tests (Debian's slurm-wlm and munge, installed when we are root).
+slurm:
+	@scripts/slurm_cluster.sh install
+
+test: install data slurm
 	$(BIN)/python -m pytest -q $(ARGS)
 
 # Unit tests only (no end-to-end training runs).
@@ -39,6 +43,10 @@ bench: install data
 RUNS ?=
 report: install
 	$(BIN)/python -m sslrun.report $(RUNS)
+
+# The CUDA image (docker/Dockerfile); needs Docker, which sslrun's CI machine does not have.
+docker:
+	docker build -f docker/Dockerfile -t sslrun:$(shell $(PYTHON) -c "import tomllib; print(tomllib.load(open('pyproject.toml','rb'))['project']['version'])") -t sslrun:latest .
 
 clean:
 	rm -rf $(VENV) outputs multirun *.egg-info

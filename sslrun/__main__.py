@@ -107,16 +107,18 @@ def _check_shared_run_dir(cfg: DictConfig) -> None:
 
 
 def _check_multirun(cfg: DictConfig) -> None:
-    """Jobs of a local sweep (-m) run one after another in this process; each would need its own
-    process group. A cluster launcher (SLURM, torchrun) starts every job's processes itself."""
+    """Jobs of a sweep under the local launcher run one after another in this process; each would
+    need its own process group. submitit and cluster launchers give every job its own processes."""
     from hydra.types import RunMode
 
     from sslrun.config import ConfigError, world_size
 
-    if HydraConfig.get().mode == RunMode.MULTIRUN and world_size(cfg) > 1 and not launched_externally():
+    hydra = HydraConfig.get()
+    in_this_process = hydra.launcher._target_.endswith("BasicLauncher")
+    if hydra.mode == RunMode.MULTIRUN and in_this_process and world_size(cfg) > 1 and not launched_externally():
         raise ConfigError(
             f"trainer.devices={cfg.trainer.devices}: several processes per job cannot run in a local "
-            f"sweep (-m); run the jobs one by one, or sweep on a cluster launcher"
+            f"sweep (-m); use hydra/launcher=submitit_local or hydra/launcher=slurm, or run the jobs one by one"
         )
 
 

@@ -10,6 +10,7 @@ This module imports nothing heavier than omegaconf, so that errors come back in 
 
 import difflib
 import os
+import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, get_args
@@ -19,7 +20,21 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationEr
 
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def _gpus_per_node(accelerator: str, devices: int) -> Optional[int]:
+    """The GPUs a SLURM job asks for per node (conf/hydra/launcher/slurm.yaml): one per process
+    unless the run trains on the CPU."""
+    return None if accelerator == "cpu" else devices
+
+
+def register_hydra_extras() -> None:
+    """What sslrun's configs need from Hydra in every process that composes them, submitit jobs
+    included (they compose again when they start): the resolver above, and silence about
+    conf/hydra/launcher/submitit_local.yaml refining the plugin's option of the same name."""
+    OmegaConf.register_new_resolver("sslrun.gpus_per_node", _gpus_per_node, replace=True)
+    warnings.filterwarnings("ignore", message=r"(?s).*hydra/launcher/submitit_local' is validated against")
 
 
 class ConfigError(ValueError):
@@ -393,6 +408,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = MISSING
     keep_checkpoints: int = MISSING
     progress_bar: bool = MISSING
+    requeue_signal: str = MISSING
 
 
 @dataclass
@@ -426,6 +442,9 @@ class WandbConfig(LoggerBase):
     entity: Optional[str] = MISSING
     offline: Optional[bool] = MISSING
     tags: List[str] = MISSING
+    run_name: Optional[str] = MISSING
+    group: Optional[str] = MISSING
+    log_checkpoint: bool = MISSING
 
 
 LOGGERS: Dict[str, type] = {"csv": LoggerBase, "tensorboard": LoggerBase, "wandb": WandbConfig}
@@ -535,6 +554,14 @@ def _teacher_problem(cfg: DictConfig) -> str:
                 f"{cfg.method.teacher_run} {ibot[1]}; set method.ibot.separate_head=true "
                 f"method.ibot.head.out_dim={ibot[1]}")
     return ""
+
+
+def signal_number(name: str) -> Optional[int]:
+    """`USR2` or `SIGUSR2` -> signal.SIGUSR2; None for a name that is no signal."""
+    import signal
+
+    found = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+    return found if isinstance(found, signal.Signals) else None
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -647,6 +674,8 @@ def _check_values(cfg: DictConfig) -> None:
              f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}: must be at least 1")
     _require(t.checkpoint_every_n_steps >= 1,
              f"trainer.checkpoint_every_n_steps={t.checkpoint_every_n_steps}: must be at least 1")
+    _require(signal_number(t.requeue_signal) is not None,
+             f"trainer.requeue_signal={t.requeue_signal}: not a signal; e.g. USR1, USR2, TERM")
 
     world = world_size(cfg)
     _require(d.batch_size >= 2 * world,

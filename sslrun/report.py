@@ -17,9 +17,10 @@ in the sweep directory):
   step (random init at step 0), with a second panel for `eval/zero_shot_top1` when a run has it.
   Both read `csv/metrics.csv` (`logger=csv`, the default).
 
-From Python: `sslrun.report.report(run_dirs, out_dir) -> str` (the markdown). A run directory
-without `summary.json` (still running, or failed) and arguments with no runs in them are errors
-(`main` prints one line and returns 2).
+From Python: `sslrun.report.report(run_dirs, out_dir) -> str` (the markdown). A sweep's jobs
+without `summary.json` (failed, or still running) are left out with a warning and listed in the
+report; a run directory named itself without `summary.json`, and arguments with no finished runs
+in them, are errors (`main` prints one line and returns 2).
 """
 
 from __future__ import annotations
@@ -108,15 +109,17 @@ def _sort_key(path: Path):
     return (0, int(path.name), "") if path.name.isdigit() else (1, 0, path.name)
 
 
-def find_runs(paths: Union[PathLike, Iterable[PathLike]]) -> list:
-    """The run directories in `paths`, in order: each path is a run (it holds summary.json) or
-    is searched one level down for runs (a Hydra sweep: `0/`, `1/`, ...)."""
+def find_runs(paths: Union[PathLike, Iterable[PathLike]]) -> tuple:
+    """(finished, unfinished) run directories in `paths`, in order: each path is a run (it holds
+    summary.json) or is searched one level down for runs (a Hydra sweep: `0/`, `1/`, ...). A
+    sweep's jobs without summary.json (failed, or still running) are the unfinished ones; a run
+    named itself must be finished."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [Path(p) for p in paths]
     if not paths:
         raise ReportError("no run directories given")
-    runs = []
+    runs, unfinished = [], []
     for path in paths:
         if not path.is_dir():
             raise ReportError(f"{path} is not a directory")
@@ -125,19 +128,24 @@ def find_runs(paths: Union[PathLike, Iterable[PathLike]]) -> list:
             continue
         children = sorted((c for c in path.iterdir() if c.is_dir()), key=_sort_key)
         found = [c for c in children if (c / "summary.json").is_file()]
-        unfinished = [c for c in children if c not in found and _looks_like_run(c)]
-        if unfinished:
-            raise _unfinished(unfinished[0])
         if not found:
             if _looks_like_run(path):
                 raise _unfinished(path)
+            unfinished_jobs = [c for c in children if _looks_like_run(c)]
+            if unfinished_jobs:
+                raise _unfinished(unfinished_jobs[0])
             raise ReportError(f"no runs in {path}: no summary.json in it or in its subdirectories "
                               "(a run writes summary.json when it ends)")
         runs.extend(found)
+        unfinished.extend(c for c in children if c not in found and _looks_like_run(c))
+    return _unique(runs), _unique(unfinished)
+
+
+def _unique(paths: list) -> list:
     unique = []
-    for run in runs:
-        if run.resolve() not in [u.resolve() for u in unique]:
-            unique.append(run)
+    for path in paths:
+        if path.resolve() not in [u.resolve() for u in unique]:
+            unique.append(path)
     return unique
 
 
@@ -399,7 +407,10 @@ def report(run_dirs: Union[PathLike, Iterable[PathLike]], out_dir: Optional[Path
     if isinstance(run_dirs, (str, os.PathLike)):
         run_dirs = [run_dirs]
     run_dirs = list(run_dirs)
-    paths = find_runs(run_dirs)
+    paths, unfinished = find_runs(run_dirs)
+    for path in unfinished:
+        print(f"sslrun.report: warning: {path} has no summary.json (failed, or still running): left out",
+              file=sys.stderr)
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dirs)
     runs = [Run(p) for p in paths]
     _label(runs)
@@ -411,6 +422,9 @@ def report(run_dirs: Union[PathLike, Iterable[PathLike]], out_dir: Optional[Path
     lines += ["Final values from each run's summary.json (train_loss: mean over the last epoch; "
               "knn_top1, linear_probe_top1, zero_shot_top1: final evaluation).", ""]
     lines += ["Runs:", ""] + [f"- `{r.label}`: {r.path}" for r in runs] + [""]
+    if unfinished:
+        lines += ["Not finished (no summary.json: failed, or still running), left out:", ""]
+        lines += [f"- {path}" for path in unfinished] + [""]
     if images:
         lines += [f"![{Path(name).stem}]({name})" for name in images] + [""]
     else:

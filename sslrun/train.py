@@ -17,12 +17,14 @@ from typing import Iterable, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from sslrun import config as config_lib
+from sslrun import tracking
 from sslrun.callbacks import (AtomicCheckpointIO, CollapseMonitor, ImageTextEvaluation, OnlineEvaluation, Pictures,
-                              Throughput)
+                              Requeue, Throughput)
 from sslrun.config import ConfigError
 from sslrun.data.datamodule import Captions, SSLDataModule
 from sslrun.data.datasets import Shards
@@ -91,6 +93,15 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
         save_top_k=cfg.trainer.keep_checkpoints,
         save_last=True,
     )
+    resume_from = _resume_path(cfg, checkpoint_dir)
+    overrides, sweep_dir = tracking.hydra_job()
+    name = tracking.run_name(cfg.method.name, cfg.backbone.name, cfg.data.name, overrides)
+    # Under SLURM one handler checkpoints and requeues on the warning signal (callbacks/requeue.py),
+    # so Lightning's own SIGUSR1 requeue stays off.
+    on_slurm = SLURMEnvironment.detect()
+    if on_slurm:
+        _check_requeue_signal(cfg.trainer.requeue_signal)
+    requeue = Requeue(config_lib.signal_number(cfg.trainer.requeue_signal), checkpoint_dir / "last.ckpt") if on_slurm else None
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -103,10 +114,11 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.progress_bar,
-        logger=_logger(cfg, run_dir),
-        callbacks=[c for c in (evaluation, image_text_evaluation, pictures, collapse, throughput, checkpoints, *callbacks)
-                   if c is not None],
-        plugins=[AtomicCheckpointIO()],
+        logger=tracking.build_logger(cfg.logger, run_dir, name, sweep_dir, OmegaConf.to_container(cfg, resolve=True),
+                                     resuming=resume_from is not None),
+        callbacks=[c for c in (evaluation, image_text_evaluation, pictures, collapse, throughput, checkpoints, requeue,
+                               *callbacks) if c is not None],
+        plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if on_slurm else [])],
         default_root_dir=str(run_dir),
         num_sanity_val_steps=0,
         enable_model_summary=False,
@@ -121,8 +133,7 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
             _lr_rule(cfg), steps_per_epoch, schedule.total_steps,
         )
     # Our own checkpoints hold callback and loop state besides tensors: full unpickling.
-    trainer.fit(method, datamodule=datamodule, ckpt_path=_resume_path(cfg, checkpoint_dir),
-                weights_only=False)
+    trainer.fit(method, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
     # The final state, final evaluation included (ModelCheckpoint saves only on its step grid).
     trainer.save_checkpoint(str(checkpoint_dir / "last.ckpt"), weights_only=False)
     export_backbone(cfg, method.eval_backbone, run_dir / "backbone.safetensors", trainer.is_global_zero)
@@ -133,6 +144,10 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
         summary.update(image_text_evaluation.results)
         summary["image_text_eval_protocol"] = image_text_evaluation.protocol()
     summary.update(collapse.summary())
+    summary["run_name"] = name
+    if trainer.is_global_zero and cfg.logger.name == "wandb" and cfg.logger.log_checkpoint:
+        tracking.log_checkpoint_artifact(trainer.logger, [checkpoint_dir / "last.ckpt", run_dir / "backbone.safetensors"],
+                                         name=f"model-{trainer.logger.version}")
     if trainer.is_global_zero:
         path = run_dir / "summary.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -163,6 +178,8 @@ def _tidy_lightning_output() -> None:
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     # The data module's own state resumes the data mid-epoch; Lightning only checks the loader.
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+    # sslrun starts its processes itself; srun is only for runs on SLURM, which Lightning detects.
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 
 
 def build_method(cfg: DictConfig, lr_schedule: WarmupCosine, num_classes: Optional[int],
@@ -221,44 +238,12 @@ def _strategy(cfg: DictConfig):
     return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
 
 
-def _logger(cfg: DictConfig, run_dir: Path):
-    name = cfg.logger.name
-    if name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
-    if name == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        _require_package("tensorboard", "logger=tensorboard", "tensorboard")
-        return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
-    if name == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        _require_package("wandb", "logger=wandb", "wandb")
-        offline = cfg.logger.offline
-        if offline is None:
-            offline = not _wandb_key_available()
-        return WandbLogger(
-            project=cfg.logger.project, entity=cfg.logger.entity, save_dir=str(run_dir),
-            name=run_dir.name, offline=offline, tags=list(cfg.logger.tags),
-            config=OmegaConf.to_container(cfg, resolve=True),
-        )
-    raise ConfigError(f"logger.name={name}: unknown logger")
-
-
-def _wandb_key_available() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
-def _require_package(module: str, feature: str, extra: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"{feature}: needs the {module} package; pip install 'sslrun[{extra}]'")
+def _check_requeue_signal(name: str) -> None:
+    """submitit (hydra/launcher=slurm) asks SLURM for its own signal; sslrun must listen for it."""
+    submitit_signal = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and config_lib.signal_number(name) != config_lib.signal_number(submitit_signal):
+        raise ConfigError(f"trainer.requeue_signal={name}: submitit warns this job with {submitit_signal} "
+                          f"(SUBMITIT_PREEMPT_SIGNAL); set trainer.requeue_signal={submitit_signal}")
 
 
 def _resume_path(cfg: DictConfig, checkpoint_dir: Path) -> Optional[str]:

@@ -193,7 +193,18 @@ def test_cli_prints_the_table_and_writes_the_report(tmp_path, capsys):
     assert len(parse_table(printed)) == 3
 
 
-@pytest.mark.parametrize("case", ["empty", "unfinished", "unfinished_in_sweep", "missing"])
+def test_unfinished_jobs_of_a_sweep_are_left_out_and_listed(tmp_path, capsys):
+    fake_run(tmp_path / "0", knn=0.75)
+    fake_run(tmp_path / "1")
+    (tmp_path / "1" / "summary.json").unlink()  # a job that failed
+    assert main([str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert f"{tmp_path / '1'} has no summary.json" in captured.err
+    assert [r["run"] for r in parse_table(captured.out)] == ["0"]
+    assert f"left out:\n\n- {tmp_path / '1'}" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["empty", "unfinished", "unfinished_sweep", "missing"])
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, case):
     target = tmp_path / "x"
     if case == "empty":
@@ -201,17 +212,17 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, case):
     elif case == "unfinished":
         fake_run(target)
         (target / "summary.json").unlink()
-    elif case == "unfinished_in_sweep":
-        fake_run(target / "0")
-        fake_run(target / "1")
-        (target / "1" / "summary.json").unlink()
+    elif case == "unfinished_sweep":
+        for job in ("0", "1"):
+            fake_run(target / job)
+            (target / job / "summary.json").unlink()
     assert main([str(target)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sslrun.report: error: ")
     if case == "empty":
         assert "no runs in" in err and "summary.json" in err
     elif case.startswith("unfinished"):
-        path = target / "1" if case == "unfinished_in_sweep" else target
+        path = target / "0" if case == "unfinished_sweep" else target
         assert f"{path} has no summary.json" in err and "when it ends" in err
     assert not (tmp_path / "x" / "report").exists() and not (tmp_path / "report").exists()
 

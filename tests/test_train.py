@@ -106,14 +106,22 @@ def test_configs_ship_with_a_non_editable_install(tmp_path):
     assert "name: simclr" in result.stdout and "name: ddp" in result.stdout
 
 
-def test_wandb_logs_offline_and_never_writes_the_api_key(tmp_path):
+def test_wandb_logs_offline_resumes_its_run_and_never_writes_the_api_key(tmp_path):
     pytest.importorskip("wandb")
     secret = "f00dfeed" * 5  # shaped like a W&B key
-    run_cli(*TINY, "trainer.max_steps=6", "logger=wandb", "logger.offline=true", "eval.knn.bank_size=200",
-            "eval.knn.query_size=100", f"hydra.run.dir={tmp_path}",
-            env={"WANDB_API_KEY": secret, "WANDB_SILENT": "true", "HOME": str(tmp_path / "home")})
-    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert offline_runs and list(offline_runs[0].glob("*.wandb"))
+    common = [*TINY, "logger=wandb", "logger.offline=true", "eval.knn.bank_size=200", "eval.knn.query_size=100",
+              f"hydra.run.dir={tmp_path}"]
+    env = {"WANDB_API_KEY": secret, "WANDB_SILENT": "true", "HOME": str(tmp_path / "home")}
+    run_cli(*common, "trainer.max_steps=6", env=env)
+    # Resumed (as a requeued job is): the same W&B run, now with the checkpoint as an artifact.
+    run_cli(*common, "trainer.max_steps=8", "logger.log_checkpoint=true", env=env)
+    offline_runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(list(run.glob("*.wandb")) for run in offline_runs)
+    run_id = (tmp_path / "wandb" / "run_id").read_text().strip()
+    assert [run.name.rsplit("-", 1)[1] for run in offline_runs] == [run_id, run_id]
+    records = next(offline_runs[1].glob("*.wandb")).read_bytes()
+    assert f"model-{run_id}".encode() in records and b"backbone.safetensors" in records  # the artifact
+    assert b"simclr-resnet18-fashion_mnist" in records  # the run's name
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"API key written to {path}"
