@@ -43,6 +43,7 @@ optional parts once it is spent.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -83,6 +84,21 @@ def free_memory() -> None:
 
 
 _RUNNABLE: dict = {}
+
+
+@contextlib.contextmanager
+def recording_errors(row: dict):
+    """One measurement: an error (CUDA out of memory included) goes into `row` instead of ending
+    the checks, and memory is freed either way."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as error:
+        row["error"] = "CUDA out of memory: " + str(error).split(".")[0]
+    except Exception as error:  # noqa: BLE001 - record and go on
+        row["error"] = last_line(error)
+        traceback.print_exc()
+    finally:
+        free_memory()
 
 
 def runnable_backends(device: torch.device) -> dict:
@@ -189,7 +205,7 @@ def leg_equivalence(device, smoke: bool, budget) -> dict:
         vit = _vit(backend, smoke, device).eval()
         for dtype_name, dtype in dtypes.items():
             row = {"backend": backend, "dtype": dtype_name}
-            try:
+            with recording_errors(row):
                 outputs, grads = run(vit, packed, dtype)
                 ref_out, ref_grads = reference[dtype_name]
                 assert [o.shape for o in outputs] == [r.shape for r in ref_out]
@@ -206,9 +222,6 @@ def leg_equivalence(device, smoke: bool, budget) -> dict:
                     row["timm_bf16_gradient_error_vs_fp32"] = timm_bf16["gradient"]
                     row["ok"] = (row["output_error_vs_fp32"] <= 2 * timm_bf16["output"] + 1e-3
                                  and row["gradient_error_vs_fp32"] <= 2 * timm_bf16["gradient"] + 1e-3)
-            except Exception as error:  # noqa: BLE001 - record and go on
-                row["error"] = last_line(error)
-                traceback.print_exc()
             rows.append(row)
             say(f"equivalence: {row}")
         del vit
@@ -235,14 +248,8 @@ def leg_multicrop(device, smoke: bool, budget, batch: int, steps: int) -> dict:
             free_memory()
             row = {"backend": backend, "packed": packed}
             args = argparse.Namespace(backbone=backbone, batch=batch, steps=steps, attention=backend, packed=packed)
-            try:
+            with recording_errors(row):
                 row.update(one_configuration(args))
-            except torch.cuda.OutOfMemoryError as error:
-                row["error"] = "CUDA out of memory: " + str(error).split(".")[0]
-            except Exception as error:  # noqa: BLE001
-                row["error"] = last_line(error)
-                traceback.print_exc()
-            free_memory()
             if device.type != "cuda":
                 row["peak_mb"] = float("nan")  # one process for all: its resident-set peak says nothing here
             rows.append(row)
@@ -272,7 +279,7 @@ def leg_checkpointing(device, smoke: bool, budget, batch: int, attention: str) -
             torch._dynamo.reset()
             free_memory()
             row = {"input": label, "checkpointing": mode}
-            try:
+            with recording_errors(row):
                 vit = _vit(attention, smoke, device).train()
                 if checkpointed:
                     checkpoint_activations(vit)
@@ -303,12 +310,6 @@ def leg_checkpointing(device, smoke: bool, budget, batch: int, attention: str) -
                     row["peak_mib"] = peak / 2**20
                     row["above_weights_and_inputs_mib"] = (peak - before) / 2**20
                 vit = None
-            except torch.cuda.OutOfMemoryError as error:
-                row["error"] = "CUDA out of memory: " + str(error).split(".")[0]
-            except Exception as error:  # noqa: BLE001
-                row["error"] = last_line(error)
-                traceback.print_exc()
-            free_memory()
             rows.append(row)
             say(f"checkpointing: {row}")
     return {"model": "vit_tiny (smoke)" if smoke else "vit_small_patch16_224", "batch": batch,
@@ -466,7 +467,7 @@ def leg_flex_drop_path(device, smoke: bool, budget, batch: int, steps: int) -> d
             torch.cuda.reset_peak_memory_stats()
         graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
         row = {"backend": backend, "drop_path_rate": 0.1}
-        try:
+        with recording_errors(row):
             with _DynamoLog() as dynamo_log:
                 vit = _vit(backend, smoke, device, drop_path_rate=0.1).train()
                 times = []
@@ -500,12 +501,6 @@ def leg_flex_drop_path(device, smoke: bool, budget, batch: int, steps: int) -> d
                 row["error_vs_sdpa_new_lengths"] = worst
                 row["graphs_compiled_total"] = dynamo_utils.counters["stats"]["unique_graphs"] - graphs_before
             vit = None
-        except torch.cuda.OutOfMemoryError as error:
-            row["error"] = "CUDA out of memory: " + str(error).split(".")[0]
-        except Exception as error:  # noqa: BLE001
-            row["error"] = last_line(error)
-            traceback.print_exc()
-        free_memory()
         rows.append(row)
         say(f"flex/drop path: {row}")
     return {"batch": batch, "crops": "2 x 224 + 10 x 96 px" if not smoke else "smoke", "rows": rows}
@@ -530,7 +525,7 @@ def leg_block_mask(device, smoke: bool, budget, batch: int) -> dict:
     for name, build in builders.items():
         free_memory()
         row = {"builder": name, "tokens": packing.total}
-        try:
+        with recording_errors(row):
             build()  # warm-up (CUDA context, kernels)
             free_memory()
             if cuda:
@@ -542,10 +537,6 @@ def leg_block_mask(device, smoke: bool, budget, batch: int) -> dict:
                 torch.cuda.synchronize()
                 row["peak_above_before_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
             row["ms"] = 1000 * (time.perf_counter() - start)
-        except torch.cuda.OutOfMemoryError as error:
-            row["error"] = "CUDA out of memory: " + str(error).split(".")[0]
-        except Exception as error:  # noqa: BLE001
-            row["error"] = last_line(error)
         rows.append(row)
         say(f"block mask: {row}")
     if len(masks) == 2:

@@ -99,9 +99,10 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
     # Under SLURM one handler checkpoints and requeues on the warning signal (callbacks/requeue.py),
     # so Lightning's own SIGUSR1 requeue stays off.
     on_slurm = SLURMEnvironment.detect()
+    requeue = None
     if on_slurm:
         _check_requeue_signal(cfg.trainer.requeue_signal)
-    requeue = Requeue(config_lib.signal_number(cfg.trainer.requeue_signal), checkpoint_dir / "last.ckpt") if on_slurm else None
+        requeue = Requeue(config_lib.signal_number(cfg.trainer.requeue_signal), checkpoint_dir / "last.ckpt")
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -146,8 +147,8 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
     summary.update(collapse.summary())
     summary["run_name"] = name
     if trainer.is_global_zero and cfg.logger.name == "wandb" and cfg.logger.log_checkpoint:
-        tracking.log_checkpoint_artifact(trainer.logger, [checkpoint_dir / "last.ckpt", run_dir / "backbone.safetensors"],
-                                         name=f"model-{trainer.logger.version}")
+        files = [checkpoint_dir / "last.ckpt", run_dir / "backbone.safetensors"]
+        tracking.log_checkpoint_artifact(trainer.logger, files, name=f"model-{trainer.logger.version}")
     if trainer.is_global_zero:
         path = run_dir / "summary.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -241,7 +242,8 @@ def _strategy(cfg: DictConfig):
 def _check_requeue_signal(name: str) -> None:
     """submitit (hydra/launcher=slurm) asks SLURM for its own signal; sslrun must listen for it."""
     submitit_signal = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
-    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and config_lib.signal_number(name) != config_lib.signal_number(submitit_signal):
+    same = config_lib.signal_number(name) == config_lib.signal_number(submitit_signal)
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and not same:
         raise ConfigError(f"trainer.requeue_signal={name}: submitit warns this job with {submitit_signal} "
                           f"(SUBMITIT_PREEMPT_SIGNAL); set trainer.requeue_signal={submitit_signal}")
 

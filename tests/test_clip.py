@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sslrun.data.tokenizer import Tokenizer
+from sslrun.data.tokenizer import END_ID, VOCAB_SIZE, Tokenizer
 from sslrun.eval import class_embeddings, retrieval_recall, top_k_accuracy
 from sslrun.losses import clip_loss, siglip_loss
 from tests.conftest import needs_fashion_mnist
@@ -29,7 +29,7 @@ def test_tokenizer_gives_clips_own_ids():
     assert torch.equal(ours(texts), SimpleTokenizer()(texts, context_length=77))
     # The ids every CLIP user has seen: <start> a photo of a cat <end>.
     assert ours("a photo of a cat")[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
-    assert ours.vocab_size == 49408
+    assert ours.vocab_size == VOCAB_SIZE == 49408 and ours.end_id == END_ID  # what CLIP builds its tower with
 
 
 def test_tokenizer_truncates_keeping_the_end_token_and_decodes_back():

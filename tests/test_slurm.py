@@ -25,9 +25,10 @@ CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def slurm():
     """A running single-node cluster; the environment that reaches it."""
-    missing = [tool for tool in ("slurmctld", "slurmd", "munged") if not shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin")]
+    daemons = ("slurmctld", "slurmd", "munged")
+    missing = [tool for tool in daemons if not shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin")]
     if missing or os.geteuid() != 0:
         reason = f"no SLURM cluster here ({'missing ' + ', '.join(missing) if missing else 'not root'}): " \
                  f"scripts/slurm_cluster.sh install, as root"
@@ -38,7 +39,9 @@ def slurm(tmp_path_factory):
     started = subprocess.run([str(CLUSTER_SCRIPT), "start", str(directory)], capture_output=True, text=True,
                              timeout=120)
     assert started.returncode == 0, started.stderr
-    env = {**os.environ, "SLURM_CONF": str(directory / "slurm.conf"), "PYTHONUNBUFFERED": "1",
+    # A session that itself runs in a SLURM job must not hand its job's variables to sbatch.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+    env = {**inherited, "SLURM_CONF": str(directory / "slurm.conf"), "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}:/usr/sbin"}
     yield env
     subprocess.run([str(CLUSTER_SCRIPT), "stop", str(directory)], capture_output=True, timeout=120)
@@ -91,9 +94,9 @@ def test_preempted_ddp_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
     """2 tasks: Lightning takes ranks from SLURM. USR2 (SLURM's warning) -> checkpoint on both
     ranks, submitit requeues, the job resumes from that checkpoint in the same run directory and
     finishes. (That a resumed run keeps its W&B run id: tests/test_train.py.)"""
-    steps = 60
+    steps = 32
     launcher = sweep(slurm, tmp_path, "trainer=ddp", "trainer.devices=2", f"trainer.max_steps={steps}",
-                     "trainer.checkpoint_every_n_steps=4", "eval.enabled=false", "data.batch_size=32",
+                     "trainer.checkpoint_every_n_steps=2", "eval.enabled=false", "data.batch_size=32",
                      background=True)
     run_dir = tmp_path / "0"
     try:
@@ -110,7 +113,7 @@ def test_preempted_ddp_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert summary["global_step"] == steps and summary["world_size"] == 2
     assert "checkpointing at step" in logs and "resuming from" in logs, logs
     checkpointed = int(logs.split("checkpointing at step ")[1].split(",")[0])
-    assert 4 <= checkpointed < steps and f"resuming from {run_dir}/checkpoints/last.ckpt" in logs
+    assert 2 <= checkpointed < steps and f"resuming from {run_dir}/checkpoints/last.ckpt" in logs
     logged_steps = [s for s, _ in column(read_metrics(run_dir), "train/loss")]
     assert logged_steps[-1] == steps - 1 and len(set(logged_steps)) == len(logged_steps) == steps, logged_steps
     # Both tasks handed over to submitit: process 0 requeued the job, process 1 left that to it.
@@ -122,7 +125,7 @@ def _wait_for_training(env, sweep_dir, run_dir, launcher, timeout=300) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert launcher.poll() is None, launcher.stdout.read()[-3000:] + job_logs(sweep_dir)
-        if (run_dir / "checkpoints" / "step=4.ckpt").exists():
+        if (run_dir / "checkpoints" / "step=2.ckpt").exists():
             jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
             assert len(jobs) == 1, jobs
             return jobs[0]

@@ -25,6 +25,8 @@ import torch
 VOCAB_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 START, END = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 256 bytes x 2 (word end or not) + merges + 2 special
+VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2  # what a text tower embeds, without reading the merges
+END_ID = VOCAB_SIZE - 1  # the end token comes last; its position pools the text tower
 WORD_PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from sslrun.data.tokenizer import Tokenizer
+from sslrun.data.tokenizer import END_ID, VOCAB_SIZE
 from sslrun.distributed import all_gather_with_grad, rank
 from sslrun.losses import clip_loss
 from sslrun.methods.base import SSLMethod, StepOutput
@@ -32,18 +32,18 @@ class CLIP(SSLMethod):
 
     def __init__(self, cfg, **base):
         super().__init__(**base)
-        tokenizer = Tokenizer(cfg.text.context_length)
-        self.text_tower = TextTransformer(tokenizer.vocab_size, cfg.text.context_length, cfg.text.width,
-                                          cfg.text.layers, cfg.text.heads, tokenizer.end_id)
+        self.text_tower = TextTransformer(VOCAB_SIZE, cfg.text.context_length, cfg.text.width,
+                                          cfg.text.layers, cfg.text.heads, END_ID)
         self.image_projection = nn.Linear(self.backbone.num_features, cfg.embed_dim, bias=False)
         self.text_projection = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
         nn.init.normal_(self.text_projection.weight, std=cfg.text.width**-0.5)
-        self.logit_scale = self.build_logit_scale(cfg)
         self.micro_batches = cfg.micro_batches
-        self.local_loss = cfg.get("local_loss", False)
+        self.configure_loss(cfg)
 
-    def build_logit_scale(self, cfg) -> LogitScale:
-        return LogitScale(cfg.logit_scale_init, cfg.max_logit_scale)
+    def configure_loss(self, cfg) -> None:
+        """The learned temperature and the loss's own settings (SigLIP has its own)."""
+        self.logit_scale = LogitScale(cfg.logit_scale_init, cfg.max_logit_scale)
+        self.local_loss = cfg.local_loss
 
     # ------------------------------------------------------------------ towers
     def image_features_and_embedding(self, images: torch.Tensor):

@@ -13,8 +13,8 @@ class SigLIP(CLIP):
     Across processes, text embeddings travel round the ring of neighbours
     (`distributed.exchange_with_neighbours`); no process gathers the whole batch."""
 
-    def build_logit_scale(self, cfg) -> LogitScale:
-        return LogitScale(cfg.logit_scale_init, cfg.max_logit_scale, bias=cfg.logit_bias_init)
+    def configure_loss(self, cfg) -> None:
+        self.logit_scale = LogitScale(cfg.logit_scale_init, cfg.max_logit_scale, bias=cfg.logit_bias_init)
 
     def contrastive_loss(self, image, text, log_scale, bias):
         return siglip_loss(image, exchange_with_neighbours(text), log_scale, bias)
