@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from sslrun.callbacks import Requeue
 from sslrun.config import CONF_DIR
 from sslrun.tracking import run_name, wandb_run_id
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, TINY, needs_fashion_mnist, read_summary, run_cli
 
 
 def launcher(*overrides) -> dict:
@@ -68,10 +68,17 @@ def test_slurm_sbatch_script_carries_the_config(tmp_path):
         assert line in script, script
 
 
-def test_several_processes_per_job_are_refused_only_under_the_local_launcher(tmp_path):
-    result = run_cli("-m", "trainer=ddp", "trainer.devices=2", f"hydra.sweep.dir={tmp_path}", check=False)
-    assert result.returncode == 2
-    assert "use hydra/launcher=submitit_local or hydra/launcher=slurm" in result.stderr + result.stdout
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_submitit_local_runs_jobs_of_several_processes(tmp_path):
+    """Refused under the local launcher (tests/test_config.py); under submitit_local each job is
+    a process of its own, which starts the job's other process."""
+    sweep_dir = tmp_path
+    run_cli("-m", *TINY, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=32",
+            "trainer.max_steps=3", "eval.enabled=false", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}")
+    summary = read_summary(sweep_dir / "0")
+    assert summary["world_size"] == 2 and summary["global_step"] == 3
+    assert (sweep_dir / "0" / "rank1.log").is_file() and list((sweep_dir / ".submitit").glob("*/*_log.out"))
 
 
 def test_run_names_say_method_backbone_data_and_key_overrides():
