@@ -45,6 +45,7 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
     run_dir defaults to Hydra's output directory; `callbacks` are added to the trainer's own."""
     started = time.time()
     _tidy_lightning_output()
+    _cpu_threads(cfg.trainer.devices)
     run_dir = Path(run_dir or _hydra_run_dir()).absolute()
     world = config_lib.world_size(cfg)
     method_cls = METHODS[cfg.method.name]
@@ -154,6 +155,21 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
         path.write_text(json.dumps(summary, indent=2) + "\n")
         log.info("summary: %s", path)
     return summary
+
+
+def _cpu_threads(processes_per_node: int) -> None:
+    """Threads for torch's CPU ops in this process, unless OMP_NUM_THREADS says: the task's CPUs
+    under SLURM, else the machine's cores split between the processes of this node (as Lightning
+    does when it starts them; sslrun starts them itself, and each would use every core)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    if "SLURM_CPUS_PER_TASK" in os.environ:
+        threads = int(os.environ["SLURM_CPUS_PER_TASK"])
+    elif processes_per_node > 1:
+        threads = max(1, (os.cpu_count() or 1) // processes_per_node)
+    else:
+        return
+    torch.set_num_threads(threads)
 
 
 class _DropTips(logging.Filter):

@@ -168,3 +168,23 @@ def test_requeue_signal_is_checked_early_and_against_submitit(monkeypatch):
     _check_requeue_signal("USR2")  # submitit's default
     with pytest.raises(ConfigError, match="set trainer.requeue_signal=USR2"):
         _check_requeue_signal("USR1")
+
+
+def test_cpu_threads_follow_the_slurm_task_or_split_the_cores(monkeypatch):
+    from sslrun.train import _cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+        _cpu_threads(processes_per_node=8)
+        assert torch.get_num_threads() == 3  # hydra.launcher.cpus_per_task, not every core of the node
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+        monkeypatch.setattr(os, "cpu_count", lambda: 16)
+        _cpu_threads(processes_per_node=4)
+        assert torch.get_num_threads() == 4  # local processes share the cores
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        _cpu_threads(processes_per_node=16)
+        assert torch.get_num_threads() == 4  # the user's setting wins
+    finally:
+        torch.set_num_threads(before)
