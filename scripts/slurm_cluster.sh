@@ -41,6 +41,8 @@ start() {
   fi
   mkdir -p "$1" && dir=$(cd "$1" && pwd) || return 1
   host=$(hostname -s)  # slurmd finds its NodeName from this
+  # Jobs reach each other by node name (Lightning's MASTER_ADDR is SLURM's node list).
+  getent hosts "$host" >/dev/null || echo "127.0.0.1 $host" >> /etc/hosts
   cpus=${SLURM_CLUSTER_CPUS:-8}
   # RealMemory must not exceed what slurmd sees: 90 % of MemTotal, in MiB.
   mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
