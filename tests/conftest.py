@@ -41,6 +41,21 @@ def run_cli(*args, cwd=REPO, timeout=600, env=None, check=True, fresh=False, scr
     return result
 
 
+def run_clis_side_by_side(*arg_lists, timeout=600, env=None) -> list:
+    """Several `python -m sslrun ARGS` runs at once, one thread each (two 2-thread runs on 2 cores
+    take three times as long as one after the other; two 1-thread runs, 1.25 times one): their
+    CompletedProcesses. Raises if any failed."""
+    from tests.processes import run_cli_processes
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    results = run_cli_processes([[str(a) for a in args] for args in arg_lists], REPO, full_env, timeout)
+    for args, result in zip(arg_lists, results):
+        if result.returncode != 0:
+            raise AssertionError(f"sslrun {' '.join(map(str, args))} failed ({result.returncode}):\n"
+                                 f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return results
+
+
 def write_finished_run(run_dir: Path, cfg, state_dict=None) -> Path:
     """A run directory as training leaves it, for what reads one (distillation's `teacher_run`):
     <run>/.hydra/config.yaml (cfg without its hydra node) and <run>/checkpoints/last.ckpt

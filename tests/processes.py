@@ -111,6 +111,25 @@ def run_cli_process(args, cwd, env, timeout, fresh=False, script=None) -> subpro
         return subprocess.CompletedProcess(["sslrun", *args], child.exitcode, out.read_text(), err.read_text())
 
 
+def run_cli_processes(arg_lists, cwd, env, timeout) -> list:
+    """`python -m sslrun ARGS` for each of `arg_lists`, all started at once (each its own run):
+    their CompletedProcesses, in order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = [(Path(tmp, f"stdout{i}"), Path(tmp, f"stderr{i}")) for i in range(len(arg_lists))]
+        children = [start_cli_process(args, cwd, env, *out) for args, out in zip(arg_lists, outputs)]
+        deadline = time.time() + timeout
+        for child in children:
+            child.join(max(0.0, deadline - time.time()))
+        if any(child.exitcode is None for child in children):
+            for child in children:
+                if child.exitcode is None:
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.join()
+            raise subprocess.TimeoutExpired(["sslrun", *arg_lists[0]], timeout)
+        return [subprocess.CompletedProcess(["sslrun", *args], child.exitcode, out.read_text(), err.read_text())
+                for args, child, (out, err) in zip(arg_lists, children, outputs)]
+
+
 def run_cli_ranks(args, cwd, env, timeout, world: int) -> subprocess.CompletedProcess:
     """`python -m sslrun ARGS` as `world` processes started together, as a cluster launcher
     (torchrun, SLURM) starts them: each forked from the warm server with its rank and the

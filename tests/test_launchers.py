@@ -184,7 +184,8 @@ def test_cpu_threads_follow_the_slurm_task_or_split_the_cores(monkeypatch):
         _cpu_threads(processes_per_node=4)
         assert torch.get_num_threads() == 4  # local processes share the cores
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
         _cpu_threads(processes_per_node=16)
-        assert torch.get_num_threads() == 4  # the user's setting wins
+        assert torch.get_num_threads() == 2  # the user's setting wins
     finally:
         torch.set_num_threads(before)
