@@ -48,7 +48,8 @@ def run_clis_side_by_side(*arg_lists, timeout=600, env=None) -> list:
     from tests.processes import run_cli_processes
 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    results = run_cli_processes([[str(a) for a in args] for args in arg_lists], REPO, full_env, timeout)
+    results = run_cli_processes([[str(a) for a in args] for args in arg_lists], REPO, [full_env] * len(arg_lists),
+                                timeout)
     for args, result in zip(arg_lists, results):
         if result.returncode != 0:
             raise AssertionError(f"sslrun {' '.join(map(str, args))} failed ({result.returncode}):\n"

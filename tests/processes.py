@@ -111,12 +111,13 @@ def run_cli_process(args, cwd, env, timeout, fresh=False, script=None) -> subpro
         return subprocess.CompletedProcess(["sslrun", *args], child.exitcode, out.read_text(), err.read_text())
 
 
-def run_cli_processes(arg_lists, cwd, env, timeout) -> list:
-    """`python -m sslrun ARGS` for each of `arg_lists`, all started at once (each its own run):
-    their CompletedProcesses, in order."""
+def run_cli_processes(arg_lists, cwd, envs, timeout) -> list:
+    """`python -m sslrun ARGS` for each of `arg_lists`, with the matching environment of `envs`,
+    all started at once: their CompletedProcesses, in order. On a timeout all are stopped and the
+    first one's output goes with the error."""
     with tempfile.TemporaryDirectory() as tmp:
         outputs = [(Path(tmp, f"stdout{i}"), Path(tmp, f"stderr{i}")) for i in range(len(arg_lists))]
-        children = [start_cli_process(args, cwd, env, *out) for args, out in zip(arg_lists, outputs)]
+        children = [start_cli_process(args, cwd, env, *out) for args, env, out in zip(arg_lists, envs, outputs)]
         deadline = time.time() + timeout
         for child in children:
             child.join(max(0.0, deadline - time.time()))
@@ -125,7 +126,8 @@ def run_cli_processes(arg_lists, cwd, env, timeout) -> list:
                 if child.exitcode is None:
                     os.killpg(child.pid, signal.SIGKILL)
                 child.join()
-            raise subprocess.TimeoutExpired(["sslrun", *arg_lists[0]], timeout)
+            raise subprocess.TimeoutExpired(["sslrun", *arg_lists[0]], timeout, outputs[0][0].read_text(),
+                                            outputs[0][1].read_text())
         return [subprocess.CompletedProcess(["sslrun", *args], child.exitcode, out.read_text(), err.read_text())
                 for args, child, (out, err) in zip(arg_lists, children, outputs)]
 
@@ -138,20 +140,7 @@ def run_cli_ranks(args, cwd, env, timeout, world: int) -> subprocess.CompletedPr
     args = [str(a) for a in args]
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0",
               "WORLD_SIZE": str(world)}
-    with tempfile.TemporaryDirectory() as tmp:
-        outputs = [(Path(tmp, f"stdout{r}"), Path(tmp, f"stderr{r}")) for r in range(world)]
-        children = [start_cli_process(args, cwd, {**env, **shared, "LOCAL_RANK": str(r)}, *outputs[r])
-                    for r in range(world)]
-        deadline = time.time() + timeout
-        for child in children:
-            child.join(max(0.0, deadline - time.time()))
-        if any(child.exitcode is None for child in children):
-            for child in children:
-                if child.exitcode is None:
-                    os.killpg(child.pid, signal.SIGKILL)
-                child.join()
-            raise subprocess.TimeoutExpired(["sslrun", *args], timeout, outputs[0][0].read_text(),
-                                            outputs[0][1].read_text())
-        code = next((c.exitcode for c in children if c.exitcode), 0)
-        stderr = "".join(err.read_text() for _, err in outputs)
-        return subprocess.CompletedProcess(["sslrun", *args], code, outputs[0][0].read_text(), stderr)
+    envs = [{**env, **shared, "LOCAL_RANK": str(rank)} for rank in range(world)]
+    results = run_cli_processes([args] * world, cwd, envs, timeout)
+    code = next((r.returncode for r in results if r.returncode), 0)
+    return subprocess.CompletedProcess(["sslrun", *args], code, results[0].stdout, "".join(r.stderr for r in results))
