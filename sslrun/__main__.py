@@ -2,7 +2,8 @@
 
 Before handing over to Hydra, the overrides are composed and validated here, so that an unknown
 group option, a misspelled key, a wrong type or an impossible combination ends in one line naming
-the key and the valid choices, within a second and before anything heavy is imported.
+the key and the valid choices, within a second and before anything heavy is imported. The method
+group's own schema needs the methods imported: the app checks it, before it starts any process.
 """
 
 import logging
@@ -22,13 +23,13 @@ log = logging.getLogger("sslrun")
 
 
 def check_overrides(overrides: List[str]) -> Optional[str]:
-    """Compose `overrides` and validate the result; return the problem in one line, or None."""
+    """Compose `overrides` and validate all but the method's schema; the problem in one line, or None."""
     from hydra.errors import HydraException, MissingConfigException
 
     from sslrun.config import ConfigError, compose
 
     try:
-        compose(overrides)
+        compose(overrides, method_schema=False)
     except MissingConfigException as error:
         group, _, option = str(error.missing_cfg_file or "").rpartition("/")
         if group and error.options is not None:
@@ -68,8 +69,8 @@ def _hydra_app(cfg: DictConfig) -> None:
     from sslrun.config import ConfigError, validate
 
     try:
-        cfg = validate(cfg)
         _check_multirun(cfg)
+        cfg = validate(cfg)
         _check_shared_run_dir(cfg)
     except ConfigError as error:
         log.error("error: %s", error)

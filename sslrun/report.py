@@ -34,6 +34,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from sslrun.run_dir import RunDir
+
 PathLike = Union[str, os.PathLike]
 
 # (header, summary.json key, kind): the result columns, in table order.
@@ -61,12 +63,13 @@ class Run:
 
     def __init__(self, path: Path):
         self.path = path
+        self.layout = RunDir(path)
         self.label = path.name
         try:
-            self.summary = json.loads((path / "summary.json").read_text())
+            self.summary = json.loads(self.layout.summary.read_text())
         except ValueError as error:
-            raise ReportError(f"{path / 'summary.json'} is not valid JSON: {error}") from None
-        self.overrides = _read_overrides(path / ".hydra" / "overrides.yaml")
+            raise ReportError(f"{self.layout.summary} is not valid JSON: {error}") from None
+        self.overrides = _read_overrides(self.layout.overrides)
         self._config = None
         self._rows = None
 
@@ -75,13 +78,13 @@ class Run:
         """The run's composed config (`.hydra/config.yaml`), flattened to dotted keys; None
         when the run has none."""
         if self._config is None:
-            self._config = _read_config(self.path / ".hydra" / "config.yaml")
+            self._config = _read_config(self.layout.config)
         return self._config or None
 
     def metric(self, name: str) -> list:
         """(step, value) pairs of one `csv/metrics.csv` column, in file order."""
         if self._rows is None:
-            path = self.path / "csv" / "metrics.csv"
+            path = self.layout.metrics
             self._rows = []
             if path.is_file():
                 with open(path, newline="") as f:
@@ -95,10 +98,6 @@ class Run:
 
 
 # ---------------------------------------------------------------------- finding runs
-
-def _looks_like_run(path: Path) -> bool:
-    return any((path / name).exists() for name in (".hydra", "sslrun.log", "csv/metrics.csv"))
-
 
 def _unfinished(path: Path) -> ReportError:
     return ReportError(f"{path} has no summary.json: a run writes summary.json when it ends "
@@ -123,21 +122,21 @@ def find_runs(paths: Union[PathLike, Iterable[PathLike]]) -> tuple:
     for path in paths:
         if not path.is_dir():
             raise ReportError(f"{path} is not a directory")
-        if (path / "summary.json").is_file():
+        if RunDir(path).summary.is_file():
             runs.append(path)
             continue
         children = sorted((c for c in path.iterdir() if c.is_dir()), key=_sort_key)
-        found = [c for c in children if (c / "summary.json").is_file()]
+        found = [c for c in children if RunDir(c).summary.is_file()]
         if not found:
-            if _looks_like_run(path):
+            if RunDir(path).looks_like_a_run():
                 raise _unfinished(path)
-            unfinished_jobs = [c for c in children if _looks_like_run(c)]
+            unfinished_jobs = [c for c in children if RunDir(c).looks_like_a_run()]
             if unfinished_jobs:
                 raise _unfinished(unfinished_jobs[0])
             raise ReportError(f"no runs in {path}: no summary.json in it or in its subdirectories "
                               "(a run writes summary.json when it ends)")
         runs.extend(found)
-        unfinished.extend(c for c in children if c not in found and _looks_like_run(c))
+        unfinished.extend(c for c in children if c not in found and RunDir(c).looks_like_a_run())
     return _unique(runs), _unique(unfinished)
 
 

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from sslrun.config import ConfigError
+from sslrun.run_dir import RunDir
 
 log = logging.getLogger("sslrun")
 
@@ -119,7 +120,7 @@ class ResumableCSVLogger(CSVLogger):
 def wandb_run_id(run_dir: Path, resuming: bool) -> str:
     """The W&B run id of this run directory: kept in <run dir>/wandb/run_id, reused when the run
     resumes from a checkpoint (a requeued SLURM job), new when it starts fresh. Process 0 writes it."""
-    path = run_dir / "wandb" / "run_id"
+    path = RunDir(run_dir).wandb_run_id
     if resuming and path.is_file():
         return path.read_text().strip()
     run_id = secrets.token_hex(4)

@@ -59,32 +59,36 @@ def run_clis_side_by_side(*arg_lists, timeout=600, env=None) -> list:
 
 def write_finished_run(run_dir: Path, cfg, state_dict=None) -> Path:
     """A run directory as training leaves it, for what reads one (distillation's `teacher_run`):
-    <run>/.hydra/config.yaml (cfg without its hydra node) and <run>/checkpoints/last.ckpt
-    ({"state_dict": state_dict}, or an empty file when None)."""
+    its config (cfg without its hydra node) and last checkpoint ({"state_dict": state_dict}, or an
+    empty file when None), where sslrun.run_dir puts them."""
     import torch
     from omegaconf import OmegaConf
 
-    from sslrun.config import teacher_run_files
+    from sslrun.run_dir import RunDir
 
-    config, checkpoint = teacher_run_files(run_dir)
-    config.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save({k: v for k, v in cfg.items() if k != "hydra"}, config)
+    run = RunDir(run_dir)
+    run.config.parent.mkdir(parents=True, exist_ok=True)
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save({k: v for k, v in cfg.items() if k != "hydra"}, run.config)
     if state_dict is None:
-        checkpoint.touch()
+        run.last_checkpoint.touch()
     else:
-        torch.save({"state_dict": state_dict}, checkpoint)
+        torch.save({"state_dict": state_dict}, run.last_checkpoint)
     return Path(run_dir)
 
 
 def read_summary(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())
+    from sslrun.run_dir import RunDir
+
+    return json.loads(RunDir(run_dir).summary.read_text())
 
 
 def read_metrics(run_dir: Path) -> list:
     import csv
 
-    with open(Path(run_dir) / "csv" / "metrics.csv") as f:
+    from sslrun.run_dir import RunDir
+
+    with open(RunDir(run_dir).metrics) as f:
         return list(csv.DictReader(f))
 
 

@@ -70,7 +70,7 @@ def test_killed_run_resumes_step_counter_and_schedule(tmp_path):
     resumed = tmp_path / "resumed"
     process = start_cli_process([*common, f"hydra.run.dir={resumed}"], REPO, os.environ, os.devnull, os.devnull)
     deadline = time.time() + 300
-    while not (resumed / "checkpoints" / "step=8.ckpt").exists():
+    while not (resumed / "checkpoints" / "step_000008.ckpt").exists():
         assert process.exitcode is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)

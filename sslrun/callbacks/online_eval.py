@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from sslrun.callbacks.schedule import PeriodicEvaluation
+from sslrun.callbacks.periodic import PeriodicEvaluation
 from sslrun.distributed import gather_rows
 from sslrun.eval import knn_classify
 

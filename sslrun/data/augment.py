@@ -2,7 +2,7 @@
 
 Each image's random parameters are drawn in the DataLoader workers (`draw_photometric`) and
 travel with the batch; each operation applies them to the whole batch at once, matching
-torchvision's per-image functional ops (see tests/test_augment.py):
+torchvision's per-image functional ops (see tests/data/test_augment.py):
 
     brightness  x * b                                   b ~ U[1 - s, 1 + s]
     contrast    c * x + (1 - c) * mean(grey(x))         c ~ U[1 - s, 1 + s]

@@ -1,6 +1,7 @@
-"""Checkpoints of sharded runs (torch.distributed.checkpoint) and consolidated weights.
+"""Checkpoints written atomically (a crash mid-save never destroys the previous one), sharded
+checkpoints (torch.distributed.checkpoint) and consolidated weights.
 
-Under trainer=fsdp a checkpoint is a directory: one file of shards per process, `.metadata`
+A checkpoint file is written to `<path>.tmp`, flushed and renamed over `<path>`. Under trainer=fsdp a checkpoint is a directory: one file of shards per process, `.metadata`
 (DCP's index, written last by the coordinator) and Lightning's `meta.pt` (loop, callback and
 data state). DCP reshards on load, so a run resumes on any number of processes.
 """
@@ -13,6 +14,8 @@ from typing import Union
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -24,6 +27,23 @@ SHARDED_FILES = (".metadata", "meta.pt")
 def is_complete_sharded_checkpoint(path: Union[str, Path]) -> bool:
     path = Path(path)
     return path.is_dir() and all((path / name).is_file() for name in SHARDED_FILES)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint-file plugin, writing to `<path>.tmp`, flushing to disk, then renaming
+    over `<path>` (atomic on POSIX)."""
+
+    def save_checkpoint(self, checkpoint, path: _PATH, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".tmp")
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+            with open(partial, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 class AtomicShardedStrategy(ModelParallelStrategy):

@@ -1,18 +1,29 @@
 """Barlow Twins (Zbontar et al. 2021): the two views' cross-correlation pushed to the identity."""
 
-import torch
+from dataclasses import dataclass, field
 
+from omegaconf import MISSING
+
+from sslrun.config.schema import MLPSpec, Schema
 from sslrun.distributed import all_gather_with_grad
 from sslrun.losses import barlow_twins_loss
 from sslrun.methods.base import SSLMethod, StepOutput
+from sslrun.methods.registry import register_method
+from sslrun.methods.simclr import PROJECTOR
 from sslrun.models.heads import MLPHead
 
 
+@dataclass
+class BarlowTwinsConfig(Schema):
+    name: str = MISSING
+    lambd: float = MISSING
+    projector: MLPSpec = field(default_factory=MLPSpec)
+
+
+@register_method("barlow_twins", BarlowTwinsConfig, views=2, test_overrides=PROJECTOR)
 class BarlowTwins(SSLMethod):
     """The loss standardises each dimension over the global batch (gathered with gradient), so
     every process computes the same loss as one process holding the whole batch would."""
-
-    num_views = 2
 
     def __init__(self, cfg, **base):
         super().__init__(**base)
@@ -20,9 +31,6 @@ class BarlowTwins(SSLMethod):
         self.lambd = cfg.lambd
 
     def training_loss(self, batch: dict) -> StepOutput:
-        views = batch["views"]
-        batch_size = views[0].shape[0]
-        features = self.backbone(torch.cat(views))
-        z1, z2 = self.projector(features).chunk(2)
+        features, (z1, z2) = self.project_views(batch["views"], self.projector)
         loss = barlow_twins_loss(all_gather_with_grad(z1), all_gather_with_grad(z2), self.lambd)
-        return StepOutput(loss, features[:batch_size], z1)
+        return StepOutput(loss, features[:z1.shape[0]], z1)

@@ -1,7 +1,8 @@
 """What every method shares: backbone, online linear probe, optimizer, schedules and logging.
 
-A method subclasses SSLMethod and implements `training_loss(batch) -> StepOutput`; methods with a
-momentum teacher also implement `after_optimizer_step`. Everything else (parameter groups, the
+A method subclasses SSLMethod, registers itself (methods.registry) and implements
+`training_loss(batch) -> StepOutput`; methods with a momentum teacher also implement
+`after_optimizer_step`. Everything else (parameter groups, the
 per-step learning rate, the probe, loss bookkeeping) lives here.
 """
 
@@ -27,8 +28,6 @@ class StepOutput:
 
 
 class SSLMethod(L.LightningModule):
-    num_views: Optional[int] = None  # views a method needs (None: any number)
-
     def __init__(self, backbone: nn.Module, optimizer_cfg, lr_schedule: WarmupCosine,
                  num_classes: Optional[int], steps_per_epoch: int, config: Optional[dict] = None,
                  sharding: Optional[dict] = None):
@@ -65,6 +64,12 @@ class SSLMethod(L.LightningModule):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone feature every evaluator uses."""
         return self.eval_backbone(images)
+
+    def project_views(self, views: List[torch.Tensor], head: nn.Module):
+        """(backbone features of all views, the head's output per view): one backbone pass over
+        every view, so BN statistics span all of them, as in SimCLR's reference code."""
+        features = self.backbone(torch.cat(views))
+        return features, head(features).chunk(len(views))
 
     def training_loss(self, batch: dict) -> StepOutput:
         raise NotImplementedError

@@ -1,20 +1,84 @@
 """CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision"): an image tower and a text tower trained to pair images with their captions."""
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, List
 
 import torch
 import torch.nn as nn
+from omegaconf import MISSING
 from torch.utils.checkpoint import checkpoint
 
+from sslrun.config.errors import require
+from sslrun.config.schema import Schema
+from sslrun.config.validate import world_size
 from sslrun.data.tokenizer import END_ID, VOCAB_SIZE
 from sslrun.distributed import all_gather_with_grad, rank
 from sslrun.losses import clip_loss
 from sslrun.methods.base import SSLMethod, StepOutput
+from sslrun.methods.registry import register_method
 from sslrun.models.heads import LogitScale
 from sslrun.models.text import TextTransformer
 
 
+@dataclass
+class TextTowerSpec:
+    """models.text.TextTransformer: a causal transformer over CLIP's BPE tokens."""
+
+    context_length: int = MISSING
+    width: int = MISSING
+    layers: int = MISSING
+    heads: int = MISSING
+
+
+@dataclass
+class ImageTextConfig(Schema):
+    """What CLIP and SigLIP share: the towers, the shared space, the learned scale, prompts."""
+
+    name: str = MISSING
+    embed_dim: int = MISSING
+    logit_scale_init: float = MISSING
+    max_logit_scale: float = MISSING
+    micro_batches: int = MISSING
+    text: TextTowerSpec = field(default_factory=TextTowerSpec)
+    prompts: List[str] = MISSING
+
+    @classmethod
+    def check(cls, cfg):
+        m, t = cfg.method, cfg.trainer
+        require(m.text.context_length >= 2,
+                f"method.text.context_length={m.text.context_length}: must be at least 2 (start and end tokens)")
+        require(m.text.width % m.text.heads == 0,
+                f"method.text.width={m.text.width}: must divide by method.text.heads={m.text.heads}")
+        require(1 <= m.logit_scale_init <= m.max_logit_scale,
+                f"method.logit_scale_init={m.logit_scale_init}: must lie in [1, method.max_logit_scale="
+                f"{m.max_logit_scale}]")
+        require(len(m.prompts) > 0, "method.prompts: give at least one template, e.g. ['a photo of a {}.']")
+        for prompt in m.prompts:
+            require(prompt.count("{}") == 1,
+                    f"method.prompts: {prompt!r} must hold the class name's place '{{}}' exactly once")
+        require(t.accumulate_grad_batches == 1,
+                f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}: averaging micro-batch losses drops "
+                f"negatives from method={m.name}'s loss; use method.micro_batches={t.accumulate_grad_batches} "
+                f"instead (the same loss as one big batch, less activation memory)")
+        world = world_size(cfg)
+        per_process = cfg.data.batch_size // world
+        require(m.micro_batches >= 1 and per_process % m.micro_batches == 0,
+                f"method.micro_batches={m.micro_batches}: must divide the {per_process} images per process "
+                f"(data.batch_size={cfg.data.batch_size} / {world} processes)")
+
+
+@dataclass
+class CLIPConfig(ImageTextConfig):
+    local_loss: bool = MISSING
+
+
+# Towers at toy sizes, for the generic tests (methods.registry).
+TEXT_TOWER = ("method.text.width=32", "method.text.layers=2", "method.text.heads=2", "method.text.context_length=8",
+              "method.embed_dim=16")
+
+
+@register_method("clip", CLIPConfig, views=1, image_text=True, test_overrides=(*TEXT_TOWER, "method.micro_batches=2"))
 class CLIP(SSLMethod):
     """Dual encoder: the backbone (timm) and a causal text transformer, each followed by a linear
     projection into a shared `embed_dim` space; symmetric InfoNCE over the global batch with a
@@ -26,9 +90,6 @@ class CLIP(SSLMethod):
     GradCache, Gao et al. 2021). Peak activation memory is one micro-batch's; the loss and the
     gradients equal the whole batch's. Averaging micro-batch losses instead would shrink the set of
     negatives and change the loss."""
-
-    num_views = 1
-    image_text = True  # batches carry `text`; the data module captions and tokenizes
 
     def __init__(self, cfg, **base):
         super().__init__(**base)

@@ -1,22 +1,67 @@
 """DINOv2 (Oquab et al. 2023, "DINOv2: Learning Robust Visual Features without Supervision")."""
 
 import random
+from dataclasses import dataclass, field
+from typing import List
 
 import torch
+from omegaconf import MISSING
 
+from sslrun.config.errors import require
+from sslrun.config.schema import DINOHeadSpec
 from sslrun.data.masking import batch_masks
 from sslrun.distributed import all_reduce_sum, rank
 from sslrun.losses import (
     centered_teacher_probs, dino_loss, entropy, ibot_patch_loss, koleo_loss, mean_over_batch, sinkhorn_knopp,
     update_center,
 )
-from sslrun.methods.dino import DINO
 from sslrun.methods.base import StepOutput
+from sslrun.methods.dino import DINO, HEADS, DINOConfig
+from sslrun.methods.registry import register_method
 from sslrun.models.heads import DINOHead
 from sslrun.models.vit import MaskToken, class_tokens, patch_tokens
 from sslrun.optim import layerwise_groups
 
+CENTERINGS = ("sinkhorn_knopp", "center")
 
+
+@dataclass
+class IBOTConfig:
+    loss_weight: float = MISSING
+    mask_ratio: List[float] = MISSING
+    mask_probability: float = MISSING
+    separate_head: bool = MISSING
+    head: DINOHeadSpec = field(default_factory=DINOHeadSpec)
+
+
+@dataclass
+class DINOv2Config(DINOConfig):
+    centering: str = MISSING
+    sinkhorn_iterations: int = MISSING
+    dino_weight: float = MISSING
+    koleo_weight: float = MISSING
+    layerwise_lr_decay: float = MISSING
+    patch_embed_lr_mult: float = MISSING
+    ibot: IBOTConfig = field(default_factory=IBOTConfig)
+
+    @classmethod
+    def check(cls, cfg):
+        super().check(cfg)
+        m = cfg.method
+        require(m.centering in CENTERINGS, f"method.centering={m.centering}: choose one of: {', '.join(CENTERINGS)}")
+        require(len(m.ibot.mask_ratio) == 2 and 0 < m.ibot.mask_ratio[0] <= m.ibot.mask_ratio[1] < 1,
+                f"method.ibot.mask_ratio={list(m.ibot.mask_ratio)}: need [low, high] with 0 < low <= high < 1")
+        require(0 < m.ibot.mask_probability <= 1,
+                f"method.ibot.mask_probability={m.ibot.mask_probability}: must be in (0, 1]")
+        require(0 < m.layerwise_lr_decay <= 1, f"method.layerwise_lr_decay={m.layerwise_lr_decay}: must be in (0, 1]")
+
+
+IBOT_HEAD = ("method.ibot.head.hidden_dim=32", "method.ibot.head.bottleneck_dim=16", "method.ibot.head.out_dim=24")
+
+
+@register_method("dinov2", DINOv2Config, views=None, test_overrides=(*HEADS, *IBOT_HEAD), exempt={
+    "two_processes": "masks are drawn per process; tests/methods/test_dino.py fixes them and compares 2 processes "
+                     "with 1 (KoLeo off: its neighbours are searched per process, as in DINOv2)"})
 class DINOv2(DINO):
     """DINO's image-level loss on class tokens, plus:
 
@@ -30,16 +75,19 @@ class DINOv2(DINO):
 
     loss = dino_weight * L_dino + ibot.loss_weight * L_ibot + koleo_weight * L_koleo."""
 
+    masks_patches = True  # the student's global crops are masked (distillation: nothing is)
+
     def __init__(self, cfg, **base):
-        super().__init__(cfg, **base)
         self.cfg = cfg
-        width = self.backbone.num_features
-        self.mask_token = MaskToken(width)
-        if cfg.ibot.separate_head:
-            self.ibot_head = DINOHead.from_spec(width, cfg.ibot.head)
-            self.teacher = self.momentum_teacher()
+        super().__init__(cfg, **base)
         self.register_buffer("ibot_center", torch.zeros(1, self.student_modules()[-1].out_dim))
         self.grid = self.backbone.patch_embed.dynamic_feat_size(self.backbone.patch_embed.img_size)
+
+    def add_student_parts(self, cfg) -> None:
+        width = self.backbone.num_features
+        self.mask_token = MaskToken(width) if self.masks_patches else None
+        if cfg.ibot.separate_head:
+            self.ibot_head = DINOHead.from_spec(width, cfg.ibot.head)
 
     def student_modules(self):
         """[backbone, DINO head, iBOT head when separate]: the last one is iBOT's."""
@@ -48,8 +96,8 @@ class DINOv2(DINO):
 
     def teacher_modules(self):
         """The teacher's [backbone, DINO head, iBOT head] (the last two the same module when shared)."""
-        encoder = self.teacher.encoder
-        return encoder[0], encoder[1], encoder[-1]
+        modules = super().teacher_modules()
+        return modules[0], modules[1], modules[-1]
 
     def _teacher_probs(self, logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
         """Targets from teacher logits; updates `center` when DINO centring is used."""
@@ -60,13 +108,18 @@ class DINOv2(DINO):
         return probs
 
     def masks(self, batch: int, device) -> torch.Tensor:
-        """Block-wise masks [global crops * B, patches] (DINOv2's rule, per process)."""
+        """The patches [global crops * B, patches] the iBOT loss covers: block-wise masks (DINOv2's
+        rule, per process), or every patch when nothing is masked (distillation)."""
+        if not self.masks_patches:
+            return torch.ones(self.global_crops * batch, self.grid[0] * self.grid[1], dtype=torch.bool, device=device)
         rng = random.Random(int(torch.randint(2**31 - 1, (1,))) + rank())
         return torch.cat([batch_masks(batch, self.grid, self.cfg.ibot.mask_ratio, self.cfg.ibot.mask_probability, rng)
                           for _ in range(self.global_crops)]).to(device)
 
     def student_tokens(self, views, masks: torch.Tensor):
         """The student's tokens of every crop, the global crops' masked patches replaced by the mask token."""
+        if not self.masks_patches:
+            return self.forward_crops(self.backbone, views)
         crop_masks = list(masks.chunk(self.global_crops)) + [None] * (len(views) - self.global_crops)
         return self.forward_crops(self.backbone, views, crop_masks, self.mask_token)
 
@@ -104,8 +157,11 @@ class DINOv2(DINO):
             "teacher_student_kl": dino.detach() - teacher_entropy.detach(),
             "masked_patches": masks.float().mean(),
             "teacher_temperature": torch.tensor(temperature),
-            "momentum": torch.tensor(self.momentum(self.global_step)),
+            **self.ema_metrics(),
         })
+
+    def ema_metrics(self) -> dict:
+        return self.teacher.metrics(self.global_step)
 
     def optimizer_groups(self):
         named = [(n, p) for n, p in self.named_parameters() if not n.startswith("probe.")]

@@ -1,32 +1,57 @@
 """MoCo v2 (He et al. 2020; Chen et al. 2020c): a momentum key encoder and a queue of negatives."""
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 
+from sslrun.config.errors import require
+from sslrun.config.schema import MLPSpec, Schema, require_positive, require_unit_interval
 from sslrun.distributed import all_gather_with_grad, shuffled_across_processes
 from sslrun.losses import infonce_queue_loss
 from sslrun.methods.base import SSLMethod, StepOutput
-from sslrun.models.ema import MomentumEncoder
+from sslrun.methods.registry import register_method
+from sslrun.methods.simclr import PROJECTOR
+from sslrun.methods.teacher import MomentumTeacher
 from sslrun.models.heads import MLPHead
+from sslrun.models.queue import Queue
 
 
+@dataclass
+class MoCoV2Config(Schema):
+    name: str = MISSING
+    temperature: float = MISSING
+    momentum: float = MISSING
+    queue_size: int = MISSING
+    symmetric: bool = MISSING
+    shuffle_bn: bool = MISSING
+    projector: MLPSpec = field(default_factory=MLPSpec)
+
+    @classmethod
+    def check(cls, cfg):
+        m = cfg.method
+        require_positive(m, "method", "temperature")
+        require_unit_interval(m, "method", "momentum")
+        require(m.queue_size >= 1, f"method.queue_size={m.queue_size}: must be at least 1")
+
+
+@register_method("mocov2", MoCoV2Config, views=2,
+                 test_overrides=(*PROJECTOR, "method.queue_size=40"))
 class MoCoV2(SSLMethod):
     """InfoNCE of each query against its key (the other view, through the momentum encoder) and
-    the `queue_size` most recent keys. Keys of the whole batch (gathered over processes, in rank
-    order) enter the queue after each step, so every process holds the same queue; it is a buffer
-    and travels in checkpoints. `shuffle_bn` computes keys on a batch re-dealt over processes (the
-    paper's guard against BN leaking the positive; with global BN it changes nothing)."""
-
-    num_views = 2
+    the `queue_size` most recent keys (`models.queue.Queue`: the keys of the whole batch, gathered
+    over processes in rank order, enter it after each step). `shuffle_bn` computes keys on a batch
+    re-dealt over processes (the paper's guard against BN leaking the positive; with global BN it
+    changes nothing). The key encoder's momentum is constant."""
 
     def __init__(self, cfg, **base):
         super().__init__(**base)
         self.projector = MLPHead.from_spec(self.backbone.num_features, cfg.projector)
-        self.key_encoder = MomentumEncoder([self.backbone, self.projector])
-        self.temperature, self.momentum = cfg.temperature, cfg.momentum
-        self.symmetric, self.shuffle_bn = cfg.symmetric, cfg.shuffle_bn
-        self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, self.projector.out_dim), dim=1))
-        self.register_buffer("queue_position", torch.zeros((), dtype=torch.long))
+        self.key_encoder = MomentumTeacher([self.backbone, self.projector], cfg.momentum, cfg.momentum,
+                                           self.lr_schedule.total_steps)
+        self.queue = Queue(cfg.queue_size, self.projector.out_dim)
+        self.temperature, self.symmetric, self.shuffle_bn = cfg.temperature, cfg.symmetric, cfg.shuffle_bn
 
     def keys(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -37,28 +62,22 @@ class MoCoV2(SSLMethod):
     def training_loss(self, batch: dict) -> StepOutput:
         v1, v2 = batch["views"]
         batch_size = v1.shape[0]
-        queue = self.queue.clone()  # this step's negatives; the buffer is updated below
+        negatives = self.queue.rows.clone()  # this step's; the queue takes the new keys below
         if self.symmetric:
             features = self.backbone(torch.cat([v1, v2]))
             q1, q2 = self.projector(features).chunk(2)
             k1, k2 = self.keys(v1), self.keys(v2)
-            loss = (infonce_queue_loss(q1, k2, queue, self.temperature)
-                    + infonce_queue_loss(q2, k1, queue, self.temperature)) / 2
-            self.enqueue(torch.cat([k1, k2]))
+            loss = (infonce_queue_loss(q1, k2, negatives, self.temperature)
+                    + infonce_queue_loss(q2, k1, negatives, self.temperature)) / 2
+            new_keys = torch.cat([k1, k2])
         else:
             features = self.backbone(v1)
             q1 = self.projector(features)
             k2 = self.keys(v2)
-            loss = infonce_queue_loss(q1, k2, queue, self.temperature)
-            self.enqueue(k2)
+            loss = infonce_queue_loss(q1, k2, negatives, self.temperature)
+            new_keys = k2
+        self.queue.push(F.normalize(all_gather_with_grad(new_keys), dim=1))
         return StepOutput(loss, features[:batch_size], q1)
 
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        keys = F.normalize(all_gather_with_grad(keys), dim=1)[-self.queue.shape[0]:]
-        slots = (self.queue_position + torch.arange(keys.shape[0], device=keys.device)) % self.queue.shape[0]
-        self.queue[slots] = keys
-        self.queue_position.copy_((self.queue_position + keys.shape[0]) % self.queue.shape[0])
-
     def after_optimizer_step(self) -> None:
-        self.key_encoder.update([self.backbone, self.projector], self.momentum)
+        self.key_encoder.follow([self.backbone, self.projector], self.global_step)

@@ -1,12 +1,23 @@
 """SigLIP (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training"): CLIP's dual encoder
 with a pairwise sigmoid loss instead of the softmax over the batch."""
 
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
 from sslrun.distributed import exchange_with_neighbours
 from sslrun.losses import siglip_loss
-from sslrun.methods.clip import CLIP
+from sslrun.methods.clip import CLIP, TEXT_TOWER, ImageTextConfig
+from sslrun.methods.registry import register_method
 from sslrun.models.heads import LogitScale
 
 
+@dataclass
+class SigLIPConfig(ImageTextConfig):
+    logit_bias_init: float = MISSING
+
+
+@register_method("siglip", SigLIPConfig, views=1, image_text=True, test_overrides=TEXT_TOWER)
 class SigLIP(CLIP):
     """Every image-text pair is a binary match / no-match decision (`losses.siglip_loss`) with a
     learned scale (from 10) and bias (from -10, so that the many negatives start near zero loss).

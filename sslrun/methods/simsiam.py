@@ -1,12 +1,27 @@
 """SimSiam (Chen & He 2021): a predictor and a stop-gradient, no negatives, no momentum encoder."""
 
-import torch
+from dataclasses import dataclass
 
+import torch
+from omegaconf import MISSING
+
+from sslrun.config.schema import PredictorHeads
 from sslrun.losses import negative_cosine_similarity
 from sslrun.methods.base import SSLMethod, StepOutput
+from sslrun.methods.byol import HEADS
+from sslrun.methods.registry import register_method
 from sslrun.models.heads import MLPHead
 
 
+@dataclass
+class SimSiamConfig(PredictorHeads):
+    name: str = MISSING
+    stop_gradient: bool = MISSING
+    predictor: bool = MISSING
+    fixed_predictor_lr: bool = MISSING
+
+
+@register_method("simsiam", SimSiamConfig, views=2, test_overrides=HEADS)
 class SimSiam(SSLMethod):
     """loss = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 with D the negative cosine similarity.
 
@@ -14,8 +29,6 @@ class SimSiam(SSLMethod):
     paper's fig. 2: the representation collapses), `predictor=false` uses p = z (collapses too).
     `fixed_predictor_lr=true` trains the predictor at the peak lr without decay (the paper's
     default)."""
-
-    num_views = 2
 
     def __init__(self, cfg, **base):
         super().__init__(**base)

@@ -25,7 +25,7 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from sslrun.config import ATTENTION_BACKENDS as BACKENDS
+from sslrun.config.schema import ATTENTION_BACKENDS as BACKENDS
 from sslrun.config import ConfigError
 
 log = logging.getLogger(__name__)

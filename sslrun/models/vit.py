@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from sslrun.config import ConfigError
 from sslrun.models.attention import BlockDiagonalAttention, Packing
+from sslrun.models.multicrop import same_size_runs
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -155,17 +156,14 @@ def grouped_forward(vit: nn.Module, crops: Sequence[torch.Tensor],
     A run of equal-length segments is exactly a batch, so this is `packed_forward` per group.
     Masks, when given, are given for every crop of a group or for none."""
     masks = list(masks or [None] * len(crops))
-    outputs, start = [], 0
-    while start < len(crops):
-        end = start + 1
-        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-            end += 1
+    outputs = []
+    for start, end in same_size_runs(crops):
         group_masks = masks[start:end]
         batch_mask = [torch.cat(group_masks)] if group_masks[0] is not None else None
         out = packed_forward(vit, [torch.cat(crops[start:end])], batch_mask, mask_token)[0]
         outputs.extend(out.chunk(end - start))
-        start = end
     return outputs
+
 
 
 def class_tokens(tokens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,30 @@
+"""A first-in first-out queue of embeddings: MoCo's negatives, and what NNCLR's support set and
+SwAV's feature queue need."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Queue(nn.Module):
+    """The `size` most recent rows, overwritten oldest first, starting from random unit rows.
+
+    Rows are pushed as the whole global batch, gathered over processes in rank order, so every
+    process holds the same queue. The rows and the write position are buffers: they travel in
+    checkpoints and a resumed run continues with the same queue."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("rows", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("position", torch.zeros((), dtype=torch.long))
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    @torch.no_grad()
+    def push(self, rows: torch.Tensor) -> None:
+        """Append `rows` (at most the newest `size` of them are kept)."""
+        rows = rows[-len(self):]
+        slots = (self.position + torch.arange(rows.shape[0], device=rows.device)) % len(self)
+        self.rows[slots] = rows.to(self.rows.dtype)
+        self.position.copy_((self.position + rows.shape[0]) % len(self))
