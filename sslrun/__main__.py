@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sslrun.config import lenient
-from sslrun.launch import launch_local_processes, launched_externally, needs_local_launch, wait_for
+from sslrun.launch import launch_local_processes, launched_externally, needs_local_launch, stop, wait_for
 
 log = logging.getLogger("sslrun")
 
@@ -70,14 +70,17 @@ def _hydra_app(cfg: DictConfig) -> None:
 
     try:
         _check_multirun(cfg)
-        cfg = validate(cfg)
-        _check_shared_run_dir(cfg)
+        checked = validate(cfg, method_schema=False)
+        _check_shared_run_dir(checked)
     except ConfigError as error:
         log.error("error: %s", error)
         sys.exit(2)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    others = launch_local_processes(cfg, run_dir) if needs_local_launch(cfg) else []
+    # The other local processes start now and import while this one does (the method's schema
+    # comes with the methods); each validates the whole config itself.
+    others = launch_local_processes(checked, run_dir) if needs_local_launch(checked) else []
     try:
+        cfg = validate(cfg)
         from sslrun.train import run
 
         run(cfg, run_dir=str(run_dir))
@@ -87,9 +90,7 @@ def _hydra_app(cfg: DictConfig) -> None:
     else:
         code = wait_for(others)
     finally:
-        for process in others:
-            if process.poll() is None:
-                process.kill()
+        stop(others)
     if code:
         sys.exit(code)
 

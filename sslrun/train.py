@@ -264,9 +264,11 @@ def resume_path(cfg: DictConfig, layout: RunDir) -> Optional[str]:
                 log.info("resuming from %s", path)
                 break
             log.warning("ignoring unreadable checkpoint %s", candidate)
-    elif path is not None and not _intact(Path(path)):
-        raise ConfigError(f"resume={path}: not a complete checkpoint (a checkpoint file, or a sharded checkpoint "
-                          f"directory with .metadata and meta.pt); use resume=auto to take the newest intact one")
+    elif path is not None:
+        if not _intact(Path(path)):
+            raise ConfigError(f"resume={path}: not a complete checkpoint (a checkpoint file, or a sharded checkpoint "
+                              f"directory with .metadata and meta.pt); use resume=auto to take the newest intact one")
+        log.info("resuming from %s", path)
     if path is not None and Path(path).is_dir() and cfg.trainer.name != "fsdp":
         raise ConfigError(f"resume: {path} is a sharded checkpoint (a directory, written under trainer=fsdp); "
                           f"resume it with trainer=fsdp, on any number of devices")

@@ -2,6 +2,6 @@
 `worker`), each process's CPU threads (`threads`), and SLURM preemption (`requeue`, a Lightning
 callback; import it from its module, this package stays light for the CLI's first second)."""
 
-from sslrun.launch.local import launch_local_processes, launched_externally, needs_local_launch, wait_for
+from sslrun.launch.local import launch_local_processes, launched_externally, needs_local_launch, stop, wait_for
 
-__all__ = ["launch_local_processes", "launched_externally", "needs_local_launch", "wait_for"]
+__all__ = ["launch_local_processes", "launched_externally", "needs_local_launch", "stop", "wait_for"]

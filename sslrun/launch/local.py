@@ -56,10 +56,23 @@ def launch_local_processes(cfg: DictConfig, run_dir: Path) -> List[subprocess.Po
     return processes
 
 
+_stopping = threading.Event()
+
+
+def stop(processes: List[subprocess.Popen]) -> None:
+    """End the other processes (process 0 is done, or failed and says why): not a failure of theirs."""
+    _stopping.set()
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+
+
 def _watch(processes: List[subprocess.Popen]) -> None:
     """If any process fails, stop them all: the rest would wait forever in a collective."""
-    while True:
+    while not _stopping.is_set():
         for process in processes:
+            if _stopping.is_set():
+                return
             code = process.poll()
             if code not in (None, 0):
                 for other in processes:

@@ -5,6 +5,7 @@ environment."""
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -22,10 +23,18 @@ def main() -> None:
         format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s",
         handlers=[logging.FileHandler(RunDir(run_dir).rank_log(rank)), console],
     )
-    from sslrun.config import validate
+    from sslrun.config import ConfigError, validate
     from sslrun.train import run
 
-    run(validate(OmegaConf.load(config_path)), run_dir=str(run_dir))
+    try:
+        cfg = validate(OmegaConf.load(config_path))
+    except ConfigError as error:
+        # Process 0 validates the same config (it started this process before checking the
+        # method's schema, so that both import at once), reports the problem and stops this one.
+        logging.getLogger("sslrun").info("config error, reported by process 0: %s", error)
+        time.sleep(120)
+        sys.exit(2)
+    run(cfg, run_dir=str(run_dir))
 
 
 if __name__ == "__main__":
