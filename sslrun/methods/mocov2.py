@@ -79,5 +79,12 @@ class MoCoV2(SSLMethod):
         self.queue.push(F.normalize(all_gather_with_grad(new_keys), dim=1))
         return StepOutput(loss, features[:batch_size], q1)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints written before the queue was its own module keep resuming."""
+        state = checkpoint["state_dict"]
+        for old, new in (("queue", "queue.rows"), ("queue_position", "queue.position")):
+            if old in state:
+                state[new] = state.pop(old)
+
     def after_optimizer_step(self) -> None:
         self.key_encoder.follow([self.backbone, self.projector], self.global_step)

@@ -64,6 +64,14 @@ def test_mocov2_queue_takes_each_steps_keys_and_travels_in_checkpoints():
     fresh = tiny_method("mocov2", "seed=1")
     fresh.load_state_dict(state)
     assert torch.equal(fresh.queue.rows, method.queue.rows) and int(fresh.queue.position) == BATCH
+    # A checkpoint from before the queue was a module (buffers `queue`, `queue_position`) resumes.
+    old = {"queue" if k == "queue.rows" else "queue_position" if k == "queue.position" else k: v
+           for k, v in state.items()}
+    checkpoint = {"state_dict": old}
+    older = tiny_method("mocov2", "seed=2")
+    older.on_load_checkpoint(checkpoint)  # Lightning calls it before loading the state
+    older.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(older.queue.rows, method.queue.rows) and int(older.queue.position) == BATCH
 
 
 @pytest.mark.parametrize("name", ["mocov2", "mocov3", "byol"])
