@@ -27,12 +27,17 @@ def options(test: Optional[str] = None) -> List[str]:
 
 
 @lru_cache(maxsize=None)
-def method_name(option: str) -> str:
+def _composed(option: str):
+    """`method=option` as Hydra composes it, unvalidated."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=[f"method={option}"]).method.name
+        return hydra_compose(config_name="config", overrides=[f"method={option}"])
+
+
+def method_name(option: str) -> str:
+    return _composed(option).method.name
 
 
 def spec_of(option: str) -> MethodSpec:
@@ -41,12 +46,7 @@ def spec_of(option: str) -> MethodSpec:
 
 def tiny_overrides(option: str) -> List[str]:
     """`method=option` at toy sizes on its quick presets (command-line overrides)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        raw = hydra_compose(config_name="config", overrides=[f"method={option}"])
-    family = "resnet" if raw.backbone.attention is None else "vit"
+    family = "resnet" if _composed(option).backbone.attention is None else "vit"
     return [f"method={option}", "recipe=quick", f"data.batch_size={BATCH}", "eval.enabled=false",
             "scheduler.warmup_epochs=0", *TINY_BACKBONE[family], *spec_of(option).test_overrides]
 

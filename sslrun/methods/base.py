@@ -2,8 +2,8 @@
 
 A method subclasses SSLMethod, registers itself (methods.registry) and implements
 `training_loss(batch) -> StepOutput`; methods with a momentum teacher also implement
-`after_optimizer_step`. Everything else (parameter groups, the
-per-step learning rate, the probe, loss bookkeeping) lives here.
+`after_optimizer_step`. Everything else (parameter groups, the per-step learning rate, the probe,
+loss bookkeeping) lives here.
 """
 
 from dataclasses import dataclass, field

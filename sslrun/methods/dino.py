@@ -118,8 +118,12 @@ class DINO(SSLMethod):
             "teacher_entropy": teacher_entropy.detach(),
             "teacher_student_kl": loss.detach() - teacher_entropy.detach(),
             "teacher_temperature": torch.tensor(self.teacher_temperature(self.global_step)),
-            **self.teacher.metrics(self.global_step),
+            **self.ema_metrics(),
         })
+
+    def ema_metrics(self) -> dict:
+        """The momentum the EMA of the student follows (distillation's spare EMA)."""
+        return self.teacher.metrics(self.global_step)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """The prototypes stay fixed for the first `freeze_last_layer_epochs` (sec. 3.1 / appendix):

@@ -78,8 +78,8 @@ class DINOv2(DINO):
     masks_patches = True  # the student's global crops are masked (distillation: nothing is)
 
     def __init__(self, cfg, **base):
-        self.cfg = cfg
         super().__init__(cfg, **base)
+        self.cfg = cfg
         self.register_buffer("ibot_center", torch.zeros(1, self.student_modules()[-1].out_dim))
         self.grid = self.backbone.patch_embed.dynamic_feat_size(self.backbone.patch_embed.img_size)
 
@@ -159,9 +159,6 @@ class DINOv2(DINO):
             "teacher_temperature": torch.tensor(temperature),
             **self.ema_metrics(),
         })
-
-    def ema_metrics(self) -> dict:
-        return self.teacher.metrics(self.global_step)
 
     def optimizer_groups(self):
         named = [(n, p) for n, p in self.named_parameters() if not n.startswith("probe.")]
