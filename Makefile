@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS   ?=
 
-.PHONY: install data slurm train test test-fast bench report docker clean
+.PHONY: install data slurm train test test-fast bench benchmark report docker clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: install data
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_multicrop.py
 	$(BIN)/python scripts/bench_memory.py
+
+# Every registered method at a suite's budget, offline kNN and linear, 3 seeds -> docs/results.md
+# (python -m sslrun.benchmark; resumes where it stopped). ARGS="suite=long methods=[simclr,byol]".
+benchmark: install data
+	$(BIN)/python -m sslrun.benchmark $(ARGS)
 
 # Compare finished runs (a sweep directory or run directories): report.md, loss.png, knn.png.
 RUNS ?=

@@ -25,6 +25,7 @@ log = logging.getLogger("sslrun")
 def check_overrides(overrides: List[str]) -> Optional[str]:
     """Compose `overrides` and validate all but the method's schema; the problem in one line, or None."""
     from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import InterpolationResolutionError
 
     from sslrun.config import ConfigError, compose
 
@@ -39,6 +40,8 @@ def check_overrides(overrides: List[str]) -> Optional[str]:
         return _one_line(error)
     except ConfigError as error:
         return str(error)
+    except InterpolationResolutionError as error:  # ${oc.env:NAME} with NAME not set, say
+        return f"{error.full_key}: {str(error).splitlines()[0]}"
     return None
 
 
@@ -68,6 +71,7 @@ def main() -> None:
 def _hydra_app(cfg: DictConfig) -> None:
     from sslrun.config import ConfigError, validate
 
+    _keep_secrets_out()
     try:
         _check_multirun(cfg)
         checked = validate(cfg, method_schema=False)
@@ -79,6 +83,8 @@ def _hydra_app(cfg: DictConfig) -> None:
     # The other local processes start now and import while this one does (the method's schema
     # comes with the methods); each validates the whole config itself.
     others = launch_local_processes(checked, run_dir) if needs_local_launch(checked) else []
+    from sslrun.failures import RunFailure
+
     try:
         cfg = validate(cfg)
         from sslrun.train import run
@@ -87,12 +93,30 @@ def _hydra_app(cfg: DictConfig) -> None:
     except ConfigError as error:
         log.error("error: %s", error)
         code = 2
+    except RunFailure as failure:  # diverged, disk full: summary.json has the status
+        log.error("error: %s", failure)
+        code = 1
     else:
         code = wait_for(others)
     finally:
         stop(others)
     if code:
         sys.exit(code)
+
+
+def _keep_secrets_out() -> None:
+    """Secrets (sslrun/redaction.py) out of the log from now on, out of sys.argv (W&B records
+    it), and out of the YAML files Hydra saved before calling the app."""
+    from hydra.types import RunMode
+
+    from sslrun.redaction import redact, redact_logs, redact_yaml_files
+
+    hydra = HydraConfig.get()
+    redact_logs()
+    sys.argv[:] = redact(sys.argv)
+    saved = sorted((Path(hydra.runtime.output_dir) / hydra.output_subdir).glob("*.yaml")) if hydra.output_subdir else []
+    sweep = [Path(hydra.sweep.dir) / "multirun.yaml"] if hydra.mode == RunMode.MULTIRUN else []
+    redact_yaml_files([*saved, *sweep])
 
 
 def _check_shared_run_dir(cfg: DictConfig) -> None:

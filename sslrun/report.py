@@ -11,14 +11,15 @@ in the sweep directory):
 - `report.md`, also printed: one row per run with its method, backbone and data, the overrides
   that differ between the runs (`.hydra/overrides.yaml`; from `.hydra/config.yaml` when a run has
   no overrides file), and its results from `summary.json` (final step, training loss, kNN top-1
-  and its random-init value, linear probe, zero-shot top-1, throughput, wall time). Columns no run
-  has a value for are left out.
+  and its random-init value, linear probe, zero-shot top-1, throughput, wall time), and a status
+  column when a run did not complete (it failed, diverged or was preempted: summary.json says so
+  and how far it got). Columns no run has a value for are left out.
 - `loss.png`: `train/loss` against step, one line per run; `knn.png`: `eval/knn_top1` against
   step (random init at step 0), with a second panel for `eval/zero_shot_top1` when a run has it.
   Both read `csv/metrics.csv` (`logger=csv`, the default).
 
 From Python: `sslrun.report.report(run_dirs, out_dir) -> str` (the markdown). A sweep's jobs
-without `summary.json` (failed, or still running) are left out with a warning and listed in the
+without `summary.json` (still running, or killed) are left out with a warning and listed in the
 report; a run directory named itself without `summary.json`, and arguments with no finished runs
 in them, are errors (`main` prints one line and returns 2).
 """
@@ -34,6 +35,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from sslrun.redaction import redact
 from sslrun.run_dir import RunDir
 
 PathLike = Union[str, os.PathLike]
@@ -101,7 +103,7 @@ class Run:
 
 def _unfinished(path: Path) -> ReportError:
     return ReportError(f"{path} has no summary.json: a run writes summary.json when it ends "
-                       "(still running, or it failed)")
+                       "(still running, or it was killed)")
 
 
 def _sort_key(path: Path):
@@ -111,7 +113,7 @@ def _sort_key(path: Path):
 def find_runs(paths: Union[PathLike, Iterable[PathLike]]) -> tuple:
     """(finished, unfinished) run directories in `paths`, in order: each path is a run (it holds
     summary.json) or is searched one level down for runs (a Hydra sweep: `0/`, `1/`, ...). A
-    sweep's jobs without summary.json (failed, or still running) are the unfinished ones; a run
+    sweep's jobs without summary.json (still running, or killed) are the unfinished ones; a run
     named itself must be finished."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -217,7 +219,7 @@ def _read_config(path: Path) -> dict:
     except Exception:  # an interpolation that needs a resolver registered elsewhere
         container = OmegaConf.to_container(cfg, resolve=False)
     container.pop("hydra", None)
-    return _flatten(container)
+    return redact(_flatten(container))  # resolving brought back any ${oc.env:...} secret
 
 
 def _config_value(run: Run, key: str) -> Optional[str]:
@@ -315,6 +317,9 @@ def table(runs: list, settings: Optional[dict] = None) -> str:
     columns = [("run", [r.label for r in runs])]
     for group in NAMED_GROUPS:
         columns.append((group, [r.summary.get(group) for r in runs]))
+    statuses = [r.summary.get("status", "completed") for r in runs]  # runs before statuses completed
+    if any(status != "completed" for status in statuses):
+        columns.append(("status", statuses))  # failed, diverged, preempted: how far each got
     columns += list((differing_settings(runs) if settings is None else settings).items())
     for header, key, kind in RESULT_COLUMNS:
         columns.append((header, [_format(r.summary.get(key), kind) for r in runs]))
@@ -408,7 +413,7 @@ def report(run_dirs: Union[PathLike, Iterable[PathLike]], out_dir: Optional[Path
     run_dirs = list(run_dirs)
     paths, unfinished = find_runs(run_dirs)
     for path in unfinished:
-        print(f"sslrun.report: warning: {path} has no summary.json (failed, or still running): left out",
+        print(f"sslrun.report: warning: {path} has no summary.json (still running, or killed): left out",
               file=sys.stderr)
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_dirs)
     runs = [Run(p) for p in paths]
@@ -422,7 +427,7 @@ def report(run_dirs: Union[PathLike, Iterable[PathLike]], out_dir: Optional[Path
               "knn_top1, linear_probe_top1, zero_shot_top1: final evaluation).", ""]
     lines += ["Runs:", ""] + [f"- `{r.label}`: {r.path}" for r in runs] + [""]
     if unfinished:
-        lines += ["Not finished (no summary.json: failed, or still running), left out:", ""]
+        lines += ["Not finished (no summary.json: still running, or killed), left out:", ""]
         lines += [f"- {path}" for path in unfinished] + [""]
     if images:
         lines += [f"![{Path(name).stem}]({name})" for name in images] + [""]

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from sslrun.config import ConfigError
+from sslrun.redaction import redact
 from sslrun.run_dir import RunDir
 
 log = logging.getLogger("sslrun")
@@ -30,7 +31,7 @@ _UNNAMED_PREFIXES = ("method=", "backbone=", "data=", "hydra", "logger", "resume
 def run_name(method: str, backbone: str, data: str, overrides: Sequence[str] = ()) -> str:
     """`<method>-<backbone>-<data>` followed by the command line's other overrides."""
     shown = [o.lstrip("+~") for o in overrides if not o.lstrip("+~").startswith(_UNNAMED_PREFIXES)]
-    return " ".join([f"{method}-{backbone}-{data}", *shown])
+    return redact(" ".join([f"{method}-{backbone}-{data}", *shown]))
 
 
 def hydra_job() -> tuple:
@@ -62,18 +63,19 @@ def build_logger(logger_cfg, run_dir: Path, name: str, group: Optional[str], con
         offline = logger_cfg.offline if logger_cfg.offline is not None else not wandb_key_available()
         if offline and rank_zero_only.rank == 0:
             log.info("wandb: offline (no API key); afterwards: wandb sync %s/wandb/offline-run-*", run_dir)
-        return WandbLogger(
-            project=logger_cfg.project, entity=logger_cfg.entity, save_dir=str(run_dir),
-            name=logger_cfg.run_name or name, group=logger_cfg.group or group, tags=list(logger_cfg.tags),
-            id=wandb_run_id(run_dir, resuming), resume="allow", offline=offline, config=config,
-        )
+        described = dict(project=logger_cfg.project, entity=logger_cfg.entity, name=logger_cfg.run_name or name,
+                         group=logger_cfg.group or group, tags=list(logger_cfg.tags), config=config)
+        return WandbLogger(save_dir=str(run_dir), id=wandb_run_id(run_dir, resuming), resume="allow", offline=offline,
+                           **redact(described))
     raise ConfigError(f"logger.name={kind}: unknown logger")
 
 
 class _KeepingWriter(ExperimentWriter):
     """Lightning's CSV writer deletes metrics.csv when it starts in a directory that has one; this
     one keeps the rows before the first step it writes itself (a resumed or requeued run goes on
-    where its checkpoint was; rows the interrupted run logged past it are dropped)."""
+    where its checkpoint was; rows the interrupted run logged past it are dropped). Whole-file
+    rewrites go through a temporary file, so a run killed mid-write never loses rows, and a last
+    line cut short by a kill is dropped."""
 
     def __init__(self, log_dir: str):
         self._merged = False
@@ -92,17 +94,29 @@ class _KeepingWriter(ExperimentWriter):
         if not os.path.isfile(self.metrics_file_path):
             return
         with open(self.metrics_file_path, newline="") as file:
-            reader = csv.DictReader(file)
-            header = list(reader.fieldnames or [])
-            kept = [row for row in reader if row.get("step") and int(float(row["step"])) < step]
+            text = file.read()
+        if not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]  # a row the kill cut short
+        reader = csv.DictReader(text.splitlines())
+        header = list(reader.fieldnames or [])
+        kept = [row for row in reader if row.get("step") and int(float(row["step"])) < step]
         if not kept:
             os.remove(self.metrics_file_path)
             return
         self.metrics_keys = sorted(header)
-        with open(self.metrics_file_path, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+        self._write_rows(self.metrics_keys, kept)
+
+    def _rewrite_with_new_header(self, fieldnames: list) -> None:
+        with open(self.metrics_file_path, newline="") as file:
+            self._write_rows(fieldnames, list(csv.DictReader(file)))
+
+    def _write_rows(self, fieldnames: list, rows: list) -> None:
+        partial = self.metrics_file_path + ".tmp"
+        with open(partial, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fieldnames)
             writer.writeheader()
-            writer.writerows(kept)
+            writer.writerows(rows)
+        os.replace(partial, self.metrics_file_path)
 
 
 class ResumableCSVLogger(CSVLogger):

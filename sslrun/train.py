@@ -8,6 +8,7 @@ the part it needs.
 
 import json
 import logging
+import os
 import resource
 import time
 import warnings
@@ -18,27 +19,31 @@ from typing import Iterable, List, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from sslrun import tracking
-from sslrun.callbacks import CollapseMonitor, ImageTextEvaluation, OnlineEvaluation, Pictures, Throughput
+from sslrun.callbacks import (CollapseMonitor, ImageTextEvaluation, NonFiniteGuard, OnlineEvaluation, Pictures,
+                              StepCheckpoints, Throughput)
 from sslrun.config import ConfigError, signal_number, world_size
 from sslrun.data.datamodule import Captions, SSLDataModule, Splits
 from sslrun.data.datasets import Shards
 from sslrun.data.tokenizer import Tokenizer
 from sslrun.distributed import convert_to_global_bn
 from sslrun.distributed.checkpoint import (AtomicCheckpointIO, AtomicShardedStrategy, full_state_dict,
-                                           is_complete_sharded_checkpoint)
+                                           is_complete_sharded_checkpoint, tensor_bytes)
+from sslrun.distributed.safe_load import check_checkpoint, pickle_parses
+from sslrun.failures import Diverged, RunFailure, write_failed
 from sslrun.launch.requeue import Requeue, check_requeue_signal
 from sslrun.launch.threads import cpu_threads
 from sslrun.methods.registry import registered
 from sslrun.models.backbones import build_backbone
 from sslrun.models.vit import is_vit
 from sslrun.optim import WarmupCosine
-from sslrun.run_dir import STEP_CHECKPOINT, RunDir
+from sslrun.redaction import redact
+from sslrun.run_dir import STEP_CHECKPOINT, RunDir, step_of
 
 log = logging.getLogger("sslrun")
 
@@ -62,8 +67,9 @@ class Callbacks:
     image_text_evaluation: Optional[ImageTextEvaluation]
     pictures: Optional[Pictures]
     collapse: CollapseMonitor
+    nonfinite: NonFiniteGuard
     throughput: Throughput
-    checkpoints: ModelCheckpoint
+    checkpoints: StepCheckpoints
     requeue: Optional[Requeue]
 
     def all(self) -> List[L.Callback]:
@@ -87,11 +93,44 @@ class Run:
 def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Callback] = ()) -> dict:
     """Train as `cfg` says (already validated) and return the summary (also in summary.json).
 
-    run_dir defaults to Hydra's output directory; `callbacks` are added to the trainer's own."""
+    run_dir defaults to Hydra's output directory; `callbacks` are added to the trainer's own.
+    A run that stops early still writes summary.json (status and reason) where the disk allows,
+    and raises RunFailure with the one line to show, or the error itself if it is a bug."""
     started = time.time()
+    layout = RunDir(Path(run_dir or _hydra_run_dir()).absolute())
+    progress = _Progress()
+    try:
+        return _train(cfg, layout, list(callbacks), progress, started)
+    except RunFailure as failure:
+        if isinstance(failure, Diverged):
+            failure = Diverged(f"{failure}; last good checkpoint: {_last_good_checkpoint(layout, progress)}; "
+                               f"lower optimizer.base_lr or set trainer.gradient_clip_val")
+        _write_stopped_summary(cfg, layout, progress, failure.status, str(failure), started)
+        raise failure from None
+    except SystemExit as exit:
+        if progress.callbacks is None or progress.callbacks.requeue is None or not progress.callbacks.requeue.checkpointed:
+            _write_stopped_summary(cfg, layout, progress, "failed", f"interrupted (exit code {exit.code})", started)
+        raise  # a requeue hand-over wrote status preempted before it exited
+    except ConfigError as error:
+        error = _without_worker_traceback(error)
+        _write_stopped_summary(cfg, layout, progress, "failed", str(error), started)
+        raise error from None
+    except BaseException as error:
+        _write_stopped_summary(cfg, layout, progress, "failed", _first_line(error), started)
+        raise
+
+
+@dataclass
+class _Progress:
+    """What a run has built so far: what a summary of a run that stopped early can report."""
+
+    callbacks: Optional["Callbacks"] = None
+    trainer: Optional[L.Trainer] = None
+
+
+def _train(cfg: DictConfig, layout: RunDir, callbacks: List[L.Callback], progress: _Progress, started: float) -> dict:
     _tidy_lightning_output()
     cpu_threads(cfg.trainer.devices)
-    layout = RunDir(Path(run_dir or _hydra_run_dir()).absolute())
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError("trainer.accelerator=gpu: no CUDA device is visible here; use "
                           "trainer.accelerator=cpu or auto")
@@ -100,18 +139,18 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None, callbacks: Iterable[L.Ca
     data = build_data(cfg)
     method = build_method(cfg, data.lr_schedule, data.splits.num_classes if data.evaluate and cfg.eval.linear_probe
                           else None, data.steps_per_epoch)
-    own = build_callbacks(cfg, layout, data, method)
+    own = progress.callbacks = build_callbacks(cfg, layout, data, method)
     resume_from = resume_path(cfg, layout)
     overrides, sweep_dir = tracking.hydra_job()
     name = tracking.run_name(cfg.method.name, cfg.backbone.name, cfg.data.name, overrides)
-    trainer = build_trainer(cfg, layout, [*own.all(), *callbacks],
-                            tracking.build_logger(cfg.logger, layout.root, name, sweep_dir,
-                                                  OmegaConf.to_container(cfg, resolve=True),
-                                                  resuming=resume_from is not None))
+    trainer = progress.trainer = build_trainer(
+        cfg, layout, [*own.all(), *callbacks],
+        tracking.build_logger(cfg.logger, layout.root, name, sweep_dir, OmegaConf.to_container(cfg, resolve=True),
+                              resuming=resume_from is not None))
     if trainer.is_global_zero:
         _log_start(cfg, layout, data, method)
-    # Our own checkpoints hold callback and loop state besides tensors: full unpickling.
-    trainer.fit(method, datamodule=data.module, ckpt_path=resume_from, weights_only=False)
+    # Our checkpoints hold only tensors and plain containers (distributed/safe_load.py).
+    trainer.fit(method, datamodule=data.module, ckpt_path=resume_from, weights_only=True)
     # The final state, final evaluation included (ModelCheckpoint saves only on its step grid).
     trainer.save_checkpoint(str(layout.last_checkpoint), weights_only=False)
     export_backbone(cfg, method.eval_backbone, layout.backbone, trainer.is_global_zero)
@@ -160,7 +199,12 @@ def build_callbacks(cfg: DictConfig, layout: RunDir, data: Data, method: L.Light
     # so Lightning's own SIGUSR1 requeue stays off (build_trainer).
     if SLURMEnvironment.detect():
         check_requeue_signal(cfg.trainer.requeue_signal)
-        requeue = Requeue(signal_number(cfg.trainer.requeue_signal), layout.last_checkpoint)
+        requeue = Requeue(signal_number(cfg.trainer.requeue_signal), layout.last_checkpoint,
+                          on_preempted=lambda trainer, reason: _write_summary(layout, {
+                              **_identity(cfg), "status": "preempted", "reason": reason,
+                              "global_step": trainer.global_step, "checkpoint": str(layout.last_checkpoint)}))
+    guard = NonFiniteGuard(cfg.trainer.nonfinite, cfg.trainer.max_skipped_steps,
+                           check_gradients=cfg.trainer.precision != "16-mixed")
     return Callbacks(
         evaluation=OnlineEvaluation(data.module, cfg.eval.knn, every, splits.num_classes) if data.evaluate else None,
         image_text_evaluation=(ImageTextEvaluation(data.module, splits.class_names, every)
@@ -168,8 +212,10 @@ def build_callbacks(cfg: DictConfig, layout: RunDir, data: Data, method: L.Light
         pictures=(Pictures(data.module, layout.pictures, every, cfg.eval.pictures)
                   if cfg.eval.pictures and is_vit(method.backbone) and has_images_to_draw else None),
         collapse=CollapseMonitor(),
+        nonfinite=guard,
         throughput=Throughput(cfg.data.batch_size),
-        checkpoints=ModelCheckpoint(
+        checkpoints=StepCheckpoints(
+            guard.pause_checkpoints,
             dirpath=layout.checkpoints,
             filename=STEP_CHECKPOINT,
             auto_insert_metric_name=False,
@@ -255,28 +301,40 @@ def lr_schedule(cfg: DictConfig, train_size: int):
 def resume_path(cfg: DictConfig, layout: RunDir) -> Optional[str]:
     """resume=auto picks <run dir>/checkpoints/last.ckpt, or the newest intact step checkpoint;
     resume=PATH that checkpoint. A checkpoint is a file (single process, DDP) or a directory of
-    shards (trainer=fsdp, which resumes on any number of processes)."""
+    shards (trainer=fsdp, which resumes on any number of processes). One that pickles anything
+    sslrun never writes is refused, also under resume=auto: that is no accident to skip silently."""
     path = None if cfg.resume == "auto" else cfg.resume
     if cfg.resume == "auto":
         for candidate in filter(Path.exists, [layout.last_checkpoint, *layout.step_checkpoints()]):
-            if _intact(candidate):
+            if is_intact(candidate):
                 path = str(candidate)
-                log.info("resuming from %s", path)
                 break
             log.warning("ignoring unreadable checkpoint %s", candidate)
-    elif path is not None:
-        if not _intact(Path(path)):
-            raise ConfigError(f"resume={path}: not a complete checkpoint (a checkpoint file, or a sharded checkpoint "
-                              f"directory with .metadata and meta.pt); use resume=auto to take the newest intact one")
-        log.info("resuming from %s", path)
-    if path is not None and Path(path).is_dir() and cfg.trainer.name != "fsdp":
+    elif path is not None and not is_intact(Path(path)):
+        raise ConfigError(f"resume={path}: not a complete checkpoint (a checkpoint file, or a sharded checkpoint "
+                          f"directory with .metadata and meta.pt); use resume=auto to take the newest intact one")
+    if path is None:
+        return None
+    if Path(path).is_dir() and cfg.trainer.name != "fsdp":
         raise ConfigError(f"resume: {path} is a sharded checkpoint (a directory, written under trainer=fsdp); "
                           f"resume it with trainer=fsdp, on any number of devices")
+    try:
+        check_checkpoint(path)
+    except ConfigError as error:
+        if cfg.resume != "auto":
+            raise ConfigError(f"resume: {error}") from None
+        raise ConfigError(f"resume=auto: {error}; move it away to resume from the one before it, or resume=null "
+                          f"to start afresh") from None
+    log.info("resuming from %s", path)
     return path
 
 
-def _intact(path: Path) -> bool:
-    return zipfile.is_zipfile(path) if path.is_file() else is_complete_sharded_checkpoint(path)
+def is_intact(path: Path) -> bool:
+    """A whole checkpoint: a file whose zip and pickle read to the end, or a sharded directory
+    with its index and meta.pt. (Whether it is safe to load is check_checkpoint's question.)"""
+    if path.is_file():
+        return zipfile.is_zipfile(path) and pickle_parses(path)
+    return is_complete_sharded_checkpoint(path) and pickle_parses(path / "meta.pt")
 
 
 def export_backbone(cfg: DictConfig, backbone: torch.nn.Module, path: Path, is_writer: bool) -> None:
@@ -292,7 +350,13 @@ def export_backbone(cfg: DictConfig, backbone: torch.nn.Module, path: Path, is_w
               **OmegaConf.to_container(cfg.backbone.timm_kwargs, resolve=True)}
     metadata = {"timm_create_model": json.dumps(create), "small_stem": json.dumps(bool(cfg.backbone.small_stem)),
                 "method": cfg.method.name}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(partial), metadata=metadata)
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise write_failed(path, error, tensor_bytes(state)) from None
     log.info("backbone weights: %s", path)
 
 
@@ -314,9 +378,9 @@ def summarize(run: Run) -> dict:
                 "peak_memory_kind": "cpu max resident set, process 0"}
     layout = run.layout
     summary = {
-        "method": cfg.method.name,
-        "backbone": cfg.backbone.name,
-        "data": cfg.data.name,
+        **_identity(cfg),
+        "status": "completed",
+        "reason": None,
         "global_step": trainer.global_step,
         "epochs": round(trainer.global_step / run.data.steps_per_epoch, 3),
         "train_loss": final_loss,
@@ -334,6 +398,7 @@ def summarize(run: Run) -> dict:
         "lr": scaled_lr(cfg),
         "lr_rule": lr_rule(cfg),
         "skipped_images": skipped,
+        "skipped_steps": own.nonfinite.skipped_steps,
         "checkpoint": str(layout.last_checkpoint) if layout.last_checkpoint.exists() else None,
         "backbone_weights": str(layout.backbone) if layout.backbone.is_file() else None,
     }
@@ -346,9 +411,70 @@ def summarize(run: Run) -> dict:
         tracking.log_checkpoint_artifact(trainer.logger, [layout.last_checkpoint, layout.backbone],
                                          name=f"model-{trainer.logger.version}")
     if trainer.is_global_zero:
-        layout.summary.write_text(json.dumps(summary, indent=2) + "\n")
-        log.info("summary: %s", layout.summary)
+        _write_summary(layout, summary)
     return summary
+
+
+def _identity(cfg: DictConfig) -> dict:
+    return {"method": cfg.method.name, "backbone": cfg.backbone.name, "data": cfg.data.name}
+
+
+def _write_stopped_summary(cfg: DictConfig, layout: RunDir, progress: _Progress, status: str, reason: str,
+                           started: float) -> None:
+    """summary.json of a run that stopped early, by process 0 alone (the others may be gone): no
+    collectives, only what is known here."""
+    trainer, own = progress.trainer, progress.callbacks
+    if not rank_zero_only.rank == 0:
+        return
+    summary = {**_identity(cfg), "status": status, "reason": reason,
+               "global_step": trainer.global_step if trainer is not None else 0,
+               "skipped_steps": own.nonfinite.skipped_steps if own is not None else 0,
+               **(own.evaluation.results if own is not None and own.evaluation is not None else {}),
+               "wall_time_sec": time.time() - started,
+               "checkpoint": _last_good_checkpoint(layout, progress, absolute=True)}
+    _write_summary(layout, summary)
+
+
+def _write_summary(layout: RunDir, summary: dict) -> None:
+    """Atomically, so a full disk leaves the previous summary.json (if any) whole."""
+    partial = layout.summary.with_name(layout.summary.name + ".tmp")
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(redact(summary), indent=2) + "\n")
+        os.replace(partial, layout.summary)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        log.error("could not write %s: %s", layout.summary, error.strerror or error)
+        return
+    log.info("run %s; summary: %s", summary["status"], layout.summary)
+
+
+def _last_good_checkpoint(layout: RunDir, progress: _Progress, absolute: bool = False) -> Optional[str]:
+    """The checkpoint resume=auto would continue from; after non-finite steps the newest step
+    checkpoint from before them. Relative to the run dir, or absolute."""
+    own = progress.callbacks
+    unstable_since = own.nonfinite.unstable_since if own is not None else None
+    candidates = [layout.last_checkpoint, *layout.step_checkpoints()] if unstable_since is None else \
+        [p for p in layout.step_checkpoints() if step_of(p) < unstable_since]
+    for candidate in filter(Path.exists, candidates):
+        if is_intact(candidate):
+            return str(candidate if absolute else candidate.relative_to(layout.root))
+    return None if absolute else "none yet"
+
+
+def _without_worker_traceback(error: ConfigError) -> ConfigError:
+    """A DataError raised in a DataLoader worker arrives with the worker's traceback in its
+    message (torch re-raises it so); its last line is the one to show."""
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return error
+    last = text.splitlines()[-1]
+    return type(error)(last.split(": ", 1)[1] if ": " in last else last)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 # ---------------------------------------------------------------------------- logging

@@ -204,6 +204,19 @@ def test_unfinished_jobs_of_a_sweep_are_left_out_and_listed(tmp_path, capsys):
     assert f"left out:\n\n- {tmp_path / '1'}" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_runs_that_did_not_complete_show_their_status(tmp_path, capsys):
+    fake_run(tmp_path / "0", knn=0.75)
+    fake_run(tmp_path / "1")
+    assert main([str(tmp_path)]) == 0
+    assert "status" not in parse_table(capsys.readouterr().out)[0]  # all completed: no column
+    summary = json.loads((tmp_path / "1" / "summary.json").read_text())
+    summary.update(status="diverged", reason="train/loss became nan at step 17 (lr 5.7e+08)", global_step=17)
+    (tmp_path / "1" / "summary.json").write_text(json.dumps(summary))
+    assert main([str(tmp_path)]) == 0
+    rows = parse_table(capsys.readouterr().out)
+    assert [(r["run"], r["status"], r["global_step"]) for r in rows] == [("0", "completed", "30"), ("1", "diverged", "17")]
+
+
 @pytest.mark.parametrize("case", ["empty", "unfinished", "unfinished_sweep", "missing"])
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, case):
     target = tmp_path / "x"

@@ -16,13 +16,15 @@ pytestmark = [pytest.mark.slow, needs_fashion_mnist]
 
 SUMMARY_KEYS = {"method", "backbone", "data", "global_step", "train_loss", "knn_top1", "knn_top1_random_init",
                 "knn_top1_pixels", "linear_probe_top1", "eval_protocol", "images_per_sec", "peak_memory_mb",
-                "wall_time_sec", "checkpoint", "lr", "global_batch_size", "skipped_images"}
+                "wall_time_sec", "checkpoint", "lr", "global_batch_size", "skipped_images", "status", "reason",
+                "skipped_steps"}
 
 
 def assert_learned(run_dir, steps):
     summary = read_summary(run_dir)
     assert SUMMARY_KEYS <= set(summary)
     assert summary["global_step"] == steps
+    assert (summary["status"], summary["reason"], summary["skipped_steps"]) == ("completed", None, 0)
     assert summary["knn_top1"] > summary["knn_top1_random_init"] + 0.1, summary
     assert summary["images_per_sec"] > 0 and summary["checkpoint"].endswith("last.ckpt")
     losses = [v for _, v in column(read_metrics(run_dir), "train/loss")]
@@ -88,7 +90,7 @@ def test_killed_run_resumes_step_counter_and_schedule(tmp_path):
     assert 8 <= first_step < 32, "the resumed run must continue, not restart at step 0"
     for step, lr in after:
         assert lr == pytest.approx(schedule(step)), step  # the schedule continues where it stopped
-    checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 32 and checkpoint["optimizer_states"][0]["state"]
 
 

@@ -3,6 +3,7 @@
 import math
 
 import lightning as L
+import torch
 
 from sslrun.eval import effective_rank, normalized_std
 
@@ -10,7 +11,7 @@ from sslrun.eval import effective_rank, normalized_std
 class CollapseMonitor(L.Callback):
     """Logs the std of l2-normalised embeddings (healthy: about 1/sqrt(d); collapsed: 0), the same
     times sqrt(d) (healthy: about 1) and the effective rank, per step; keeps the last epoch's means
-    for the summary."""
+    for the summary. Steps with non-finite embeddings are left out."""
 
     def __init__(self):
         self.dim = None
@@ -23,6 +24,8 @@ class CollapseMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         embedding = outputs["embedding"]
+        if not torch.isfinite(embedding).all():
+            return  # a step the non-finite guard skipped: nothing to measure
         self.dim = embedding.shape[1]
         std, rank = normalized_std(embedding).item(), effective_rank(embedding).item()
         self._sums["embedding_std"] += std

@@ -1,8 +1,11 @@
 """When online evaluations run, shared by the kNN / probe and the image-text evaluations."""
 
+import logging
 from typing import Dict, Optional
 
 import lightning as L
+
+log = logging.getLogger("sslrun")
 
 
 class PeriodicEvaluation(L.Callback):
@@ -21,11 +24,16 @@ class PeriodicEvaluation(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.evaluate(trainer, pl_module)
+            self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.evaluated_at_step != trainer.global_step:
-            self.evaluate(trainer, pl_module)
+            self._evaluate(trainer, pl_module)
+
+    def _evaluate(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            log.info("%s at step %d", type(self).__name__, trainer.global_step)
+        self.evaluate(trainer, pl_module)
 
     def state_dict(self) -> dict:
         return {"results": dict(self.results), "evaluated_at_step": self.evaluated_at_step}

@@ -10,7 +10,7 @@ Nothing here imports anything heavier than omegaconf until the method group is v
 
 from sslrun.config.errors import ConfigError
 from sslrun.config.hydra import CONF_DIR, GROUPS, compose, lenient, register_hydra_extras
-from sslrun.config.validate import signal_number, validate, world_size
+from sslrun.config.validate import merge_typed, signal_number, validate, world_size
 
-__all__ = ["CONF_DIR", "GROUPS", "ConfigError", "compose", "lenient", "register_hydra_extras", "signal_number",
-           "validate", "world_size"]
+__all__ = ["CONF_DIR", "GROUPS", "ConfigError", "compose", "lenient", "merge_typed", "register_hydra_extras",
+           "signal_number", "validate", "world_size"]

@@ -294,6 +294,7 @@ SCHEDULERS: Dict[str, type] = {"warmup_cosine": WarmupCosineConfig}
 # ---------------------------------------------------------------------------- trainer
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+NONFINITE_POLICIES = ("stop", "skip")  # callbacks/nonfinite.py
 FSDP_PARAM_DTYPES = ("bf16", "fp16")
 
 
@@ -307,6 +308,8 @@ class TrainerConfig(Schema):
     max_epochs: int = MISSING
     max_steps: int = MISSING
     gradient_clip_val: Optional[float] = MISSING
+    nonfinite: str = MISSING
+    max_skipped_steps: int = MISSING
     accumulate_grad_batches: int = MISSING
     sync_batchnorm: bool = MISSING
     log_every_n_steps: int = MISSING
@@ -332,6 +335,9 @@ class TrainerConfig(Schema):
                 "trainer.max_epochs / trainer.max_steps: set one of them to a positive number")
         require(t.accumulate_grad_batches >= 1,
                 f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}: must be at least 1")
+        require(t.nonfinite in NONFINITE_POLICIES,
+                f"trainer.nonfinite={t.nonfinite}: choose one of: {', '.join(NONFINITE_POLICIES)}")
+        require(t.max_skipped_steps >= 0, f"trainer.max_skipped_steps={t.max_skipped_steps}: must be at least 0")
         require(t.checkpoint_every_n_steps >= 1,
                 f"trainer.checkpoint_every_n_steps={t.checkpoint_every_n_steps}: must be at least 1")
         require(signal_number(t.requeue_signal) is not None,

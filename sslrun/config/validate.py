@@ -27,7 +27,7 @@ def validate(cfg: DictConfig, method_schema: bool = True) -> DictConfig:
     cfg = cfg.copy()
     with _open(cfg):
         cfg.pop("hydra", None)
-    typed = _merge(RootConfig, cfg, prefix="", label="the top level")
+    typed = merge_typed(RootConfig, cfg, prefix="", label="the top level")
     schemas = {group: _schema_for(group, cfg[group], options) for group, options in GROUP_SCHEMAS.items()}
     for group, schema in schemas.items():
         _merge_group(typed, group, schema, cfg[group], named=None not in GROUP_SCHEMAS[group])
@@ -96,7 +96,7 @@ def _schema_for(group: str, node, options: dict) -> type:
 def _merge_group(typed: DictConfig, group: str, schema: type, node: DictConfig, named: bool) -> None:
     label = f"{group} ({node.name})" if named else group
     with _open(typed):
-        typed[group] = _merge(schema, node, prefix=f"{group}.", label=label)
+        typed[group] = merge_typed(schema, node, prefix=f"{group}.", label=label)
 
 
 def _check_specs(schema: type, node: DictConfig, key: str) -> None:
@@ -127,7 +127,9 @@ def _schema_at(schema: type, path: List[str]) -> Optional[type]:
     return schema
 
 
-def _merge(schema: type, node: DictConfig, prefix: str, label: str) -> DictConfig:
+def merge_typed(schema: type, node: DictConfig, prefix: str, label: str) -> DictConfig:
+    """`node` merged into the dataclass `schema`; an unknown key or a wrong type is a ConfigError
+    naming the key (`prefix` + its path) and the valid keys of its `label`."""
     try:
         return OmegaConf.merge(OmegaConf.structured(schema), node)
     except ConfigKeyError as e:

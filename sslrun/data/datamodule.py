@@ -21,11 +21,11 @@ from typing import Callable, List, Optional
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sslrun.data.augment import PhotometricAugment
-from sslrun.data.datasets import IMAGE_MODES, CaptionFile, ClassCaptions, DataError, Shards, Splits, build_splits
+from sslrun.data.datasets import (IMAGE_MODES, CaptionFile, ClassCaptions, DataError, Shards, Splits, build_splits,
+                                   open_image)
 from sslrun.data.shards import ShardStream
 from sslrun.data.sampler import GlobalBatchSampler
 from sslrun.data.tokenizer import Tokenizer
@@ -101,8 +101,7 @@ class ShardItems:
         if image_bytes is None or "txt" not in sample:
             raise DataError(f"sample {sample['__key__']}: needs an image (.{'/.'.join(self.IMAGE_EXTENSIONS)}) "
                             f"and a caption (.txt)")
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            image = image.convert(self.mode)
+        image = open_image(io.BytesIO(image_bytes), self.mode)
         label = int(sample["cls"]) if "cls" in sample else -1
         return self.views.make((image, label, [sample["txt"].decode("utf-8")]), epoch, index)
 

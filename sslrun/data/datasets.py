@@ -1,8 +1,11 @@
 """Labelled image datasets: a training split and a held-out split for each supported source.
 
 Every dataset yields `(PIL image, label)` with the image in the mode that `channels` asks for
-("L" or "RGB"). Problems a user can fix (a missing root, an empty folder, a missing package)
-raise DataError with one line that says what to do.
+("L" or "RGB"), whatever the file's mode (CMYK, RGBA, palette, 16-bit grey). Problems a user can
+fix (a missing root, an empty class folder, a CSV whose image paths point nowhere, a missing
+package) raise DataError with one line that says what to do, when the data set is opened. Single
+bad files (unreadable, truncated, empty, missing, over PIL's decompression-bomb limit) are skipped
+and counted instead (`SkipUnreadable`): one bad file in a million must not stop a run.
 """
 
 import ctypes
@@ -71,37 +74,71 @@ class SkipUnreadable:
                 return load(candidate)
             except Exception as error:  # PIL raises many types for bad files
                 self._bad[candidate] = True
-                log.warning("skipping unreadable image %s (%s: %s)", describe(candidate), type(error).__name__, error)
+                log.warning("skipping unreadable image %s (%s)", describe(candidate), why_unreadable(error))
         raise DataError("no readable image left in the data set")
 
 
-def open_image(path, mode: str) -> Image.Image:
-    with Image.open(path) as image:
+def why_unreadable(error: Exception) -> str:
+    """Why a file was skipped, with the fix where there is one."""
+    if isinstance(error, Image.DecompressionBombError):  # PIL refuses over 2 x MAX_IMAGE_PIXELS, decodes below
+        return (f"{error} Downscale it: PIL refuses images over twice Image.MAX_IMAGE_PIXELS "
+                f"({Image.MAX_IMAGE_PIXELS} pixels), and training crops are far smaller")
+    if isinstance(error, OSError) and error.strerror:  # the file system's reason: no such file, a directory, ...
+        return error.strerror
+    return f"{type(error).__name__}: {error}"
+
+
+def open_image(source, mode: str) -> Image.Image:
+    """The image in a file (a path or a binary file object) in `mode`. 16-bit grey keeps its top
+    8 bits: PIL's convert() would clip it at 255, turning most of the image white."""
+    with Image.open(source) as image:
+        if image.mode.startswith("I;16"):
+            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
         return image.convert(mode)
+
+
+def _names(names: List[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 class ImageFiles(Dataset):
     """An ImageNet-style folder, `<root>/<class>/<image>`; unreadable images are skipped
-    (`SkipUnreadable`)."""
+    (`SkipUnreadable`).
+
+    Classes are the sorted class folders (hidden ones, such as .ipynb_checkpoints, are not
+    classes), as in torchvision's ImageFolder. A class folder without images is a DataError, as
+    there: kept, it would still take a label index. A held-out split gets the `training` split:
+    its labels are the training split's indices of its folders' names (it may hold a subset of the
+    classes), and a class the training split lacks is a DataError.
+    """
 
     EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-    def __init__(self, root: str, mode: str):
+    def __init__(self, root: str, mode: str, training: Optional["ImageFiles"] = None):
         root_path = Path(root)
         if not root_path.is_dir():
             raise DataError(f"{root}: no such directory")
-        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-        if not classes:
+        self.root = root
+        folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+        if not folders:
             raise DataError(f"{root}: no class folders; expected {root}/<class>/<image files>")
-        self.classes = classes
-        self.samples = [
-            (str(path), label)
-            for label, name in enumerate(classes)
-            for path in sorted((root_path / name).rglob("*"))
-            if path.suffix.lower() in self.EXTENSIONS and path.is_file()
-        ]
-        if not self.samples:
+        if training is not None:
+            unknown = [name for name in folders if name not in training.classes]
+            if unknown:
+                raise DataError(f"{root}: class folder(s) {_names(unknown)} not in the training folder "
+                                f"{training.root}; the held-out split can only hold training classes: remove them "
+                                f"here or add them there")
+        self.classes = training.classes if training is not None else folders
+        images = {name: [str(path) for path in sorted((root_path / name).rglob("*"))
+                         if path.suffix.lower() in self.EXTENSIONS and path.is_file()] for name in folders}
+        empty = [name for name in folders if not images[name]]
+        if len(empty) == len(folders):
             raise DataError(f"{root}: the class folders hold no images ({', '.join(self.EXTENSIONS)})")
+        if empty:
+            raise DataError(f"{root}: class folder(s) {_names(empty)} hold no images ({', '.join(self.EXTENSIONS)}); "
+                            f"add images or remove the folder(s)")
+        label_of = {name: label for label, name in enumerate(self.classes)}
+        self.samples = [(path, label_of[name]) for name in folders for path in images[name]]
         self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
         self.mode = mode
         self.reader = SkipUnreadable(len(self.samples))
@@ -121,7 +158,11 @@ class ImageFiles(Dataset):
 class CaptionFile(Dataset):
     """Image-caption pairs listed in a CSV or TSV file with a header row (tab-separated when the
     name ends in .tsv): an image path (relative to the file's folder, or absolute) and a caption
-    per row. Items are `(image, -1, [caption])`; unreadable images are skipped (`SkipUnreadable`)."""
+    per row. Items are `(image, -1, [caption])`; unreadable images are skipped (`SkipUnreadable`).
+
+    A row whose image file is missing is skipped and counted like an unreadable image (a warning
+    names the file, once): a data set copied with a few files lost still trains. When most of the
+    rows checked name no existing file the paths are wrong, and it is a DataError up front."""
 
     def __init__(self, path: str, image_column: str, caption_column: str, mode: str):
         import csv
@@ -130,20 +171,30 @@ class CaptionFile(Dataset):
         if not file.is_file():
             raise DataError(f"{path}: no such file; give a CSV/TSV of image paths and captions")
         with open(file, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if file.suffix.lower() == ".tsv" else ",")
-            columns = reader.fieldnames or []
-            for column in (image_column, caption_column):
-                if column not in columns:
-                    raise DataError(f"{path}: no column {column!r} (columns: {', '.join(columns) or 'none'}); "
-                                    f"set data.image_column / data.caption_column")
-            rows = [(row[image_column], row[caption_column]) for row in reader]
+            reader = csv.DictReader(f, delimiter="\t" if file.suffix.lower() == ".tsv" else ",", restval="")
+            try:
+                columns = reader.fieldnames or []
+                for column in (image_column, caption_column):
+                    if column not in columns:
+                        raise DataError(f"{path}: no column {column!r} (columns: {', '.join(columns) or 'none'}); "
+                                        f"set data.image_column / data.caption_column")
+                rows = [(row[image_column], row[caption_column]) for row in reader]
+            except (csv.Error, UnicodeDecodeError) as error:
+                raise DataError(f"{path}: not a readable CSV/TSV file ({type(error).__name__}: {error}); "
+                                f"give UTF-8 text with a header row") from None
         if not rows:
             raise DataError(f"{path}: no rows after the header")
         self.paths = [str(Path(p) if Path(p).is_absolute() else file.parent / p) for p, _ in rows]
         self.captions = [caption for _, caption in rows]
-        if not Path(self.paths[0]).is_file():
-            raise DataError(f"{path}: its first image {self.paths[0]} does not exist; image paths are read "
-                            f"relative to the file's folder")
+        # A few missing images are skipped and counted like unreadable ones; most of them missing
+        # means the paths are wrong. Up to ~100 rows spread over the file are checked: cheap on
+        # network filesystems, where stat-ing millions of rows is not.
+        checked = self.paths[::max(1, len(self.paths) // 100)]
+        missing = [p for p in checked if not Path(p).is_file()]
+        if 2 * len(missing) > len(checked):
+            raise DataError(f"{path}: {len(missing)} of {len(checked)} rows checked name no existing file (first image "
+                            f"{missing[0]} does not exist; image paths are read relative to the file's folder "
+                            f"{file.parent}, or absolute): fix column {image_column!r} or data.image_column")
         self.mode = mode
         self.reader = SkipUnreadable(len(rows))
 
@@ -248,9 +299,7 @@ def image_folder(cfg) -> Splits:
         train = ImageFiles(str(train_root), mode)
         heldout = None
         if cfg.val_dir and (root / cfg.val_dir).is_dir():
-            heldout = ImageFiles(str(root / cfg.val_dir), mode)
-            if heldout.classes != train.classes:
-                raise DataError(f"{root / cfg.val_dir}: its class folders differ from {train_root}'s")
+            heldout = ImageFiles(str(root / cfg.val_dir), mode, training=train)
         else:
             log.warning("no %s/ folder in %s: online evaluation is skipped", cfg.val_dir, root)
     except DataError as error:

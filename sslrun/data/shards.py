@@ -14,7 +14,11 @@ the member's path up to the first dot of its basename (directories included, as 
 
 Directories, members that are not regular files, and files whose basename starts with "." or "_"
 (or has no dot) are ignored. `iter_samples` yields {"__key__", "__shard__", "<ext>": bytes} with
-the extension lower-cased; turning that into a training item is the caller's `to_item`.
+the extension lower-cased; turning that into a training item is the caller's `to_item`. A bad
+sample carries "__error__" instead of failing the read: a member that appears twice in it, or
+the tar breaking off in it (a shard cut short by a failed copy, or not a tar at all). A broken
+tar ends there: the samples before the break are yielded, then the one it broke in (or an empty
+one with the key "" when it broke before the first) with its "__error__".
 
 `ShardStream` (an IterableDataset yielding whole collated batches; use DataLoader(batch_size=None)
 with the default in_order=True) has these semantics, with B = per_process_batch, R = world
@@ -33,7 +37,8 @@ processes, N = DataLoader workers per process (1 when num_workers=0), W = R * N:
 - Sample slot p of worker g's stream (p = 0, 1, ... in the epoch) gets index p * W + g, passed
   to `to_item(sample, epoch, index)`: unique within an epoch across processes and workers, and
   the same every time (seed augmentations with it, e.g. transforms.sample_generator).
-- Unreadable samples: when `to_item` raises, a warning names the shard and key, `skipped`
+- Unreadable samples: when `to_item` raises or the sample carries "__error__" (so a shard cut
+  short still gives the samples before its break), a warning names the shard and key, `skipped`
   (shared with the workers) counts it, and the slot is filled by the next sample of the stream
   that decodes, keeping the slot's index. That sample still fills its own slot too (it is seen
   twice, as ImageFiles serves the next readable image in place of a bad one). So every batch
@@ -48,7 +53,7 @@ processes, N = DataLoader workers per process (1 when num_workers=0), W = R * N:
 - set_epoch / resume_at write shared memory, so they reach persistent workers too; call them
   before iter(loader) (Lightning does not call a dataset's set_epoch: do it from
   on_train_epoch_start). `to_item` and `collate` must be picklable for the spawn/forkserver
-  worker start methods. A shard that is not a readable tar raises DataError.
+  worker start methods.
 """
 
 import collections
@@ -63,7 +68,7 @@ from typing import Any, Callable, Deque, Iterator, List, Optional
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sslrun.data.datasets import DataError
+from sslrun.data.datasets import DataError, why_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +146,10 @@ def _split_name(name: str):
 def iter_samples(path: str) -> Iterator[dict]:
     """The samples of one tar shard, read sequentially ('r|*': plain or compressed, pipes and
     network filesystems work): consecutive members with the same key make one dict
-    {"__key__": key, "__shard__": path, "<ext>": bytes}."""
+    {"__key__": key, "__shard__": path, "<ext>": bytes}, or with "__error__" for a bad sample
+    (the module docstring says when)."""
     sample: Optional[dict] = None
+    count = 0
     try:
         with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
             for member in archive:
@@ -154,17 +161,20 @@ def iter_samples(path: str) -> Iterator[dict]:
                 key, extension = parts
                 if sample is not None and sample["__key__"] != key:
                     yield sample
+                    count += 1
                     sample = None
                 if sample is None:
                     sample = {"__key__": key, "__shard__": path}
                 elif extension in sample:
-                    raise DataError(f"shard {path}: {member.name} appears twice in sample {key}")
+                    sample.setdefault("__error__", DataError(f"{member.name} appears twice"))
+                    continue
                 sample[extension] = archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise DataError(
-            f"shard {path}: not a readable tar file ({type(error).__name__}: {error}); "
-            f"re-create it or drop it from the shard list"
-        ) from None
+        sample = sample or {"__key__": "", "__shard__": path}
+        sample["__error__"] = DataError(
+            f"the tar breaks off after {count} sample(s) ({type(error).__name__}: {error}), the rest of the "
+            f"shard is not read: re-create it or drop it from the shard list"
+        )
     if sample is not None:
         yield sample
 
@@ -267,8 +277,8 @@ class ShardStream(IterableDataset):
     def _note_unreadable(self, sample: dict, error: Exception) -> None:
         with self._state.get_lock():
             self._state[3] += 1
-        log.warning("skipping unreadable sample %s in shard %s (%s: %s)",
-                    sample.get("__key__"), sample.get("__shard__"), type(error).__name__, error)
+        log.warning("skipping unreadable sample %s in shard %s (%s)", sample.get("__key__") or "at the start",
+                    sample.get("__shard__"), why_unreadable(error))
 
     def worker_shards(self, epoch: int, worker: int, workers: int) -> List[str]:
         """The shards that global worker `worker` of `workers` reads first in `epoch`."""
@@ -285,7 +295,7 @@ class ShardStream(IterableDataset):
             found = False
             for shard in order:
                 for sample in iter_samples(shard):
-                    found = True
+                    found = found or "__error__" not in sample
                     yield sample
             if not found:
                 raise DataError(f"shards {', '.join(mine)}: no samples in them (see shards.py for the layout)")
@@ -300,6 +310,8 @@ class ShardStream(IterableDataset):
             candidate = pending[depth]
             if not candidate.bad:
                 try:
+                    if "__error__" in candidate.sample:
+                        raise candidate.sample["__error__"]
                     item = self.to_item(candidate.sample, epoch, index)
                 except Exception as error:  # decoders raise many types for bad data
                     candidate.bad = True

@@ -35,9 +35,13 @@ def class_attention(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def patch_pca(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The first 3 principal components of all patch features of the batch, each scaled to [0, 1]
-    over the batch, as RGB: [B, gh, gw, 3]. Matching parts get matching colours across images."""
+    over the batch, as RGB: [B, gh, gw, 3]. Matching parts get matching colours across images;
+    non-finite features (a diverged model) give black, where the SVD would fail."""
     tokens = vit.forward_features(images)[:, vit.num_prefix_tokens:].float()
     batch, patches, dim = tokens.shape
+    grid = vit.patch_embed.dynamic_feat_size(images.shape[-2:])
+    if not torch.isfinite(tokens).all():
+        return tokens.new_zeros(batch, *grid, 3)
     with torch.autocast(images.device.type, enabled=False):  # fp32 PCA under a bf16/fp16 run too
         flat = tokens.reshape(-1, dim)
         flat = flat - flat.mean(dim=0)
@@ -45,7 +49,6 @@ def patch_pca(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
         components = flat @ v[:3].t()
         low, high = components.min(dim=0).values, components.max(dim=0).values
         rgb = (components - low) / (high - low).clamp_min(1e-8)
-    grid = vit.patch_embed.dynamic_feat_size(images.shape[-2:])
     return rgb.reshape(batch, *grid, 3)
 
 
@@ -55,7 +58,9 @@ _INFERNO = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [21
 
 
 def colorize(values: np.ndarray) -> np.ndarray:
-    """[h, w] values -> uint8 RGB [h, w, 3], scaled to the map's range per picture."""
+    """[h, w] values -> uint8 RGB [h, w, 3], scaled to the map's range per picture (non-finite
+    values as the map's dark end)."""
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
     span = values.max() - values.min()
     scaled = (values - values.min()) / (span if span > 0 else 1.0) * (len(_INFERNO) - 1)
     low = np.floor(scaled).astype(int).clip(0, len(_INFERNO) - 2)

@@ -20,6 +20,7 @@ from typing import List
 
 from omegaconf import DictConfig, OmegaConf
 
+from sslrun.redaction import redact
 from sslrun.run_dir import RunDir
 
 CLUSTER_VARIABLES = ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE")
@@ -43,7 +44,7 @@ def launch_local_processes(cfg: DictConfig, run_dir: Path) -> List[subprocess.Po
     """Start processes 1..devices-1 on the resolved config; make this process rank 0."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = RunDir(run_dir).resolved_config
-    OmegaConf.save(cfg, config_path, resolve=True)
+    OmegaConf.save(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))), config_path)
     shared = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "NODE_RANK": "0",
               "WORLD_SIZE": str(cfg.trainer.devices)}
     processes = [

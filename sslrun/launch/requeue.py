@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import lightning as L
 import torch
@@ -39,12 +40,15 @@ def check_requeue_signal(name: str) -> None:
 class Requeue(L.Callback):
     """Checkpoint to `checkpoint_path` on signal `signum`, then requeue the SLURM job.
 
-    `exit_wait_s`: how long processes other than 0 wait for the requeue to end them before they
+    `on_preempted(trainer, reason)` runs on process 0 just before the hand-over (summary.json
+    says the run was preempted). `exit_wait_s`: how long processes other than 0 wait for the requeue to end them before they
     exit on their own (process 0 may still be requeueing; a task that ends early can end the step).
     """
 
-    def __init__(self, signum: int, checkpoint_path: Path, exit_wait_s: float = 120.0):
+    def __init__(self, signum: int, checkpoint_path: Path,
+                 on_preempted: Optional[Callable[[L.Trainer, str], None]] = None, exit_wait_s: float = 120.0):
         self.signum = signum
+        self.on_preempted = on_preempted
         self.checkpoint_path = Path(checkpoint_path)
         self.exit_wait_s = exit_wait_s
         self.received = False
@@ -94,6 +98,9 @@ class Requeue(L.Callback):
 
     def _hand_over(self, trainer: L.Trainer) -> None:
         _close_loggers(trainer)
+        if trainer.is_global_zero and self.on_preempted is not None:
+            self.on_preempted(trainer, f"{signal.Signals(self.signum).name} at step {trainer.global_step}: "
+                                       f"checkpointed and requeued; the requeued job resumes from {self.checkpoint_path}")
         if callable(self.previous):
             # submitit's handler: process 0 dumps the job, requeues it and exits; the others return.
             self.previous(self.signum, None)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from sslrun.redaction import redact_logs
 from sslrun.run_dir import RunDir
 
 
@@ -23,7 +24,9 @@ def main() -> None:
         format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s",
         handlers=[logging.FileHandler(RunDir(run_dir).rank_log(rank)), console],
     )
+    redact_logs()
     from sslrun.config import ConfigError, validate
+    from sslrun.failures import RunFailure
     from sslrun.train import run
 
     try:
@@ -34,7 +37,11 @@ def main() -> None:
         logging.getLogger("sslrun").info("config error, reported by process 0: %s", error)
         time.sleep(120)
         sys.exit(2)
-    run(cfg, run_dir=str(run_dir))
+    try:
+        run(cfg, run_dir=str(run_dir))
+    except RunFailure as failure:  # every process stops at the same step; process 0 reports
+        logging.getLogger("sslrun").info("stopped: %s", failure)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 
 from sslrun.distributed.fsdp import fsdp_options, shard_method
 from sslrun.optim import WarmupCosine, build_optimizer, parameter_groups
+from sslrun.redaction import redact
 
 
 @dataclass
@@ -28,12 +29,14 @@ class StepOutput:
 
 
 class SSLMethod(L.LightningModule):
+    skip_momentum_update = False  # set by the non-finite guard for a step whose update it drops
+
     def __init__(self, backbone: nn.Module, optimizer_cfg, lr_schedule: WarmupCosine,
                  num_classes: Optional[int], steps_per_epoch: int, config: Optional[dict] = None,
                  sharding: Optional[dict] = None):
         super().__init__()
         self.sharding = sharding  # trainer.fsdp under trainer=fsdp
-        self.save_hyperparameters({"config": config or {}})
+        self.save_hyperparameters({"config": redact(config or {})})  # what loggers and checkpoints record
         self.backbone = backbone
         self.optimizer_cfg = optimizer_cfg
         self.lr_schedule = lr_schedule
@@ -43,7 +46,7 @@ class SSLMethod(L.LightningModule):
         self.weight_decay_schedule = None if final_wd is None else WarmupCosine(
             peak=optimizer_cfg.weight_decay, final=final_wd, total_steps=lr_schedule.total_steps)
         self.probe = nn.Linear(backbone.num_features, num_classes) if num_classes else None
-        self.epoch_loss = MeanMetric()
+        self.epoch_loss = MeanMetric(nan_strategy="ignore")  # a skipped non-finite step is not averaged in
 
     def configure_model(self) -> None:
         """Under trainer=fsdp Lightning calls this with the device mesh set: shard every module by
@@ -75,7 +78,8 @@ class SSLMethod(L.LightningModule):
         raise NotImplementedError
 
     def after_optimizer_step(self) -> None:
-        """Runs once per optimizer step, after it (momentum teachers update here)."""
+        """Runs once per optimizer step, after it (momentum teachers update here); not after a
+        step whose update the non-finite guard skipped (callbacks/nonfinite.py)."""
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         out = self.training_loss(batch)
@@ -122,7 +126,10 @@ class SSLMethod(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.after_optimizer_step()
+        if self.skip_momentum_update:
+            self.skip_momentum_update = False
+        else:
+            self.after_optimizer_step()
 
     def optimizer_groups(self) -> List[dict]:
         """Parameter groups of everything but the probe; methods may split off modules."""

@@ -2,11 +2,11 @@
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sslrun.config.errors import require
+from sslrun.config.errors import ConfigError, require
+from sslrun.distributed.safe_load import load_checkpoint
 from sslrun.methods.dinov2 import IBOT_HEAD, DINOv2, DINOv2Config
 from sslrun.methods.dino import HEADS
 from sslrun.methods.registry import register_method
@@ -65,7 +65,10 @@ def load_teacher(run_dir) -> nn.ModuleList:
     modules = [backbone, head]
     if cfg.method.ibot.separate_head:
         modules.append(DINOHead.from_spec(backbone.num_features, cfg.method.ibot.head))
-    state = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    try:
+        state = load_checkpoint(run.last_checkpoint)["state_dict"]
+    except ConfigError as error:
+        raise ConfigError(f"method.teacher_run={run_dir}: {error}") from None
     prefix = "teacher.encoder."
     teacher = nn.Sequential(*modules)
     teacher.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

@@ -111,12 +111,15 @@ def test_fsdp_options_are_checked():
                             "trainer.fsdp.activation_checkpointing=true", "trainer.devices=1"]) is None
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_sharded_checkpoint_resumes_only_under_fsdp(tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
     run = RunDir(tmp_path)
     sharded = run.last_checkpoint
-    sharded.mkdir(parents=True)
-    (sharded / ".metadata").touch()
-    (sharded / "meta.pt").touch()
+    dcp.save({"w": torch.zeros(1)}, checkpoint_id=sharded, no_dist=True)  # shards and .metadata
+    torch.save({}, sharded / "meta.pt")
     assert resume_path(compose_cfg("trainer=fsdp"), run) == str(sharded)
     with pytest.raises(ConfigError, match="is a sharded checkpoint .* resume it with trainer=fsdp"):
         resume_path(compose_cfg("trainer=ddp"), run)
@@ -141,6 +144,31 @@ def test_checkpoint_names_hold_no_equals_sign_and_old_names_still_resume(tmp_pat
     # Hydra's grammar takes the new name unquoted on the command line.
     assert validate(compose_cfg(f"resume={run.checkpoints / 'step_000012.ckpt'}")).resume.endswith("step_000012.ckpt")
     assert "resume=/nowhere/step_000001.ckpt: no such checkpoint" in error_for("resume=/nowhere/step_000001.ckpt")
+
+
+def test_a_truncated_or_corrupt_checkpoint_is_skipped_by_auto_and_one_line_when_named(tmp_path):
+    import torch
+
+    run = RunDir(tmp_path)
+    run.checkpoints.mkdir()
+    for path in (run.step_checkpoint(6), run.step_checkpoint(12), run.last_checkpoint):
+        torch.save({"weights": torch.ones(1000), "global_step": 12}, path)
+    whole = run.last_checkpoint.read_bytes()
+    run.last_checkpoint.write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    corrupt = bytearray(whole)
+    corrupt[60:80] = b"\xff" * 20  # inside the pickle, the zip's directory intact
+    run.step_checkpoint(12).write_bytes(bytes(corrupt))
+    assert resume_path(compose_cfg(), run) == str(run.step_checkpoint(6))  # the newest intact one
+    for damaged in (run.last_checkpoint, run.step_checkpoint(12)):
+        with pytest.raises(ConfigError, match=rf"^resume={damaged}: not a complete checkpoint .* use resume=auto"):
+            resume_path(validate(compose_cfg(f"resume={damaged}")), run)
+
+
+def test_an_unset_environment_variable_is_one_line(monkeypatch):
+    monkeypatch.delenv("SSLRUN_UNSET_TOKEN", raising=False)
+    assert check_overrides(["logger=wandb", "logger.tags=[${oc.env:SSLRUN_UNSET_TOKEN}]"]) == (
+        "logger.tags[0]: KeyError raised while resolving interpolation: \"Environment variable "
+        "'SSLRUN_UNSET_TOKEN' not found\"")
 
 
 def test_missing_required_value():

@@ -129,13 +129,43 @@ def test_iter_samples_groups_members_by_key(tmp_path):
     ]
 
 
-def test_truncated_shard_is_a_data_error(tmp_path):
-    path = write_shards(tmp_path, 1, 4)[0]
-    data = open(path, "rb").read()
-    with open(path, "wb") as f:
-        f.write(data[:1000])
-    with pytest.raises(DataError, match="shard-000.tar: not a readable tar"):
-        list(iter_samples(path))
+def cut_in(path, member: str, into: int = 10) -> str:
+    """Truncate a tar `into` bytes into `member`'s data, as a copy that failed midway leaves it."""
+    with tarfile.open(path) as archive:
+        end = archive.getmember(member).offset_data + into
+    with open(path, "r+b") as f:
+        f.truncate(end)
+    return path
+
+
+def test_a_shard_cut_short_gives_the_samples_before_the_break(tmp_path):
+    path = cut_in(write_shards(tmp_path, 1, 4)[0], "s0_02.png")
+    samples = list(iter_samples(path))
+    assert [s["__key__"] for s in samples] == ["s0_00", "s0_01", "s0_02"]
+    for i, sample in enumerate(samples[:2]):
+        assert set(sample) == {"__key__", "__shard__", "png", "txt"} and sample["png"] == png(i)
+    assert str(samples[2]["__error__"]) == (
+        "the tar breaks off after 2 sample(s) (ReadError: unexpected end of data), the rest of the shard is not "
+        "read: re-create it or drop it from the shard list")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a tar file " * 100])
+def test_a_shard_that_is_not_a_tar_gives_one_bad_sample(tmp_path, content):
+    path = tmp_path / "shard.tar"
+    path.write_bytes(content)
+    [sample] = list(iter_samples(str(path)))
+    assert (sample["__key__"], sample["__shard__"]) == ("", str(path))
+    assert str(sample["__error__"]).startswith("the tar breaks off after 0 sample(s) (ReadError: ")
+    with pytest.raises(DataError, match="shard.tar: no samples in them"):  # not 100 bad samples in a row
+        run_epoch(stream([str(path)]))
+
+
+def test_a_member_twice_in_a_sample_makes_it_bad(tmp_path):
+    path = write_tar(tmp_path / "a.tar", [("000.png", b"i0"), ("000.png", b"again"), ("000.txt", b"t0"),
+                                          ("001.png", b"i1"), ("001.txt", b"t1")])
+    first, second = iter_samples(path)
+    assert str(first["__error__"]) == "000.png appears twice" and first["png"] == b"i0" and first["txt"] == b"t0"
+    assert second == {"__key__": "001", "__shard__": path, "png": b"i1", "txt": b"t1"}
 
 
 # ---------------------------------------------------------------------------------- stream
@@ -221,6 +251,23 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path, caplog):
     # counted across DataLoader workers too
     dataset = stream(shards, batch=2, samples=8)
     assert len(run_epoch(dataset, workers=2)) == 4 and dataset.skipped == 1
+
+
+def test_a_cut_short_shard_and_a_bad_member_are_skipped_counted_and_named(tmp_path, caplog):
+    cut = cut_in(write_shards(tmp_path, 1, 4)[0], "s0_02.png")  # s0_00, s0_01 readable
+    doubled = write_tar(tmp_path / "shard-001.tar", [
+        (name, data) for i in range(4) for name, data in
+        [(f"s1_{i:02d}.png", png(10 + i)), (f"s1_{i:02d}.txt", b"caption")] * (2 if i == 1 else 1)])
+    dataset = stream([cut, doubled], batch=1, samples=7)  # one pass: 7 samples, 2 of them bad
+    with caplog.at_level(logging.WARNING, logger="sslrun.data.shards"):
+        batches = run_epoch(dataset)
+    keys = [k for b in batches for k in b[0]]
+    assert len(keys) == 7 and set(keys) == {"s0_00", "s0_01", "s1_00", "s1_02", "s1_03"}
+    assert dataset.skipped == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "s0_02 in shard" in m and cut in m and "breaks off after 2 sample(s)" in m]
+    assert [m for m in messages if "s1_01 in shard" in m and doubled in m and "s1_01.png appears twice" in m]
+    assert len(messages) == 2
 
 
 def test_too_few_shards_for_processes_and_workers(tmp_path):

@@ -118,7 +118,7 @@ def test_exported_backbone_loads_into_plain_timm(dino_runs, tmp_path):
 
     consolidated = tmp_path / "last.pt"
     dcp_to_torch_save(dino_runs / "fsdp" / "checkpoints" / "last.ckpt", consolidated)
-    checkpoint = torch.load(consolidated, weights_only=False)["state_dict"]
+    checkpoint = torch.load(consolidated, weights_only=True)["state_dict"]
     for name, value in model.state_dict().items():
         assert torch.equal(value, checkpoint[f"teacher.encoder.0.{name}"]), name
 

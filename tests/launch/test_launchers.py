@@ -127,22 +127,27 @@ def test_requeue_checkpoints_at_the_next_step_then_hands_over_to_the_previous_ha
 
     previous = signal.signal(signal.SIGUSR2, submitit_handler)
     try:
-        requeue = Requeue(signal.SIGUSR2, tmp_path / "last.ckpt")
+        preempted = []
+        requeue = Requeue(signal.SIGUSR2, tmp_path / "last.ckpt",
+                          on_preempted=lambda trainer, reason: preempted.append((trainer.global_step, reason)))
         trainer = L.Trainer(max_steps=20, accumulate_grad_batches=accumulate, callbacks=[requeue], logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             accelerator="cpu")
         with pytest.raises(SystemExit):
             trainer.fit(_Steps(signal_at=5))
         assert handed_over == [signal.SIGUSR2]
+        # summary.json's status preempted, written before the hand-over (train.build_callbacks)
+        assert preempted == [(6, f"SIGUSR2 at step 6: checkpointed and requeued; the requeued job resumes from "
+                                 f"{tmp_path / 'last.ckpt'}")]
         assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # restored after the run
     finally:
         signal.signal(signal.SIGUSR2, previous)
-    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 6  # the step the signal came in, completed and saved
     # The checkpoint resumes: the remaining steps run from there.
     resumed = L.Trainer(max_steps=20, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    resumed.fit(_Steps(signal_at=-1), ckpt_path=str(tmp_path / "last.ckpt"), weights_only=False)
+    resumed.fit(_Steps(signal_at=-1), ckpt_path=str(tmp_path / "last.ckpt"), weights_only=True)
     assert resumed.global_step == 20
 
 

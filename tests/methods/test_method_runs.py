@@ -100,7 +100,7 @@ def test_mocov3_trains_a_vit_with_a_frozen_patch_projection(tmp_path):
 
     L.seed_everything(0)  # the run's seed: the same initial weights
     initial = build_method(compose(overrides), WarmupCosine(peak=1.0, total_steps=1), None, 1).state_dict()
-    trained = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    trained = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(trained["backbone.patch_embed.proj.weight"], initial["backbone.patch_embed.proj.weight"])
     assert not torch.equal(trained["backbone.blocks.0.attn.qkv.weight"], initial["backbone.blocks.0.attn.qkv.weight"])
 
@@ -144,7 +144,7 @@ def test_dino_runs_packed_multi_crop_on_two_cpu_processes(name, dino_runs):
     for picture in ("attention", "patch_pca"):
         assert (run_dir / "pictures" / f"{picture}_step{steps:07d}.png").is_file()
 
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     if name == "dino":
         assert state["center"].abs().sum() > 0  # the centre moved and travels with the checkpoint
     else:
@@ -174,8 +174,8 @@ def test_dinov2_distill_trains_a_smaller_student_from_a_finished_run(dino_runs, 
         assert sum(values[-5:]) / 5 < sum(values[:5]) / 5, (name, values)
     assert (tmp_path / "pictures" / "attention_step0000020.png").is_file()
 
-    teacher = torch.load(teacher_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    student = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    teacher = torch.load(teacher_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    student = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     for key in ("blocks.1.attn.qkv.weight", "cls_token"):
         assert torch.equal(student[f"teacher.0.{key}"], teacher[f"teacher.encoder.0.{key}"])  # frozen
     assert student["backbone.blocks.1.attn.qkv.weight"].shape[1] == 96  # half the teacher's width

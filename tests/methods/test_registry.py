@@ -11,6 +11,7 @@ import torch
 
 from sslrun.config import CONF_DIR, ConfigError
 from sslrun.distributed import convert_to_global_bn, gather_rows
+from sslrun.distributed.safe_load import load_checkpoint
 from sslrun.methods.registry import GENERIC_TESTS, registered, register_method
 from tests.conftest import needs_fashion_mnist, read_summary, run_clis_side_by_side
 from tests.method_cases import BATCH, method_name, options, shard_of, spec_of, tiny_batch, tiny_method, tiny_overrides
@@ -118,7 +119,8 @@ def test_two_processes_equal_one_process_with_the_whole_batch(option, two_proces
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_every_method_trains_from_the_command_line(tmp_path):
-    """Two steps of `python -m sslrun method=NAME` at toy sizes: a summary, checkpoint and backbone."""
+    """Two steps of `python -m sslrun method=NAME` at toy sizes: a summary, a checkpoint that loads
+    under weights_only, and a backbone."""
     runs = {option: tmp_path / option for option in options("cli")}
     common = ["data.num_workers=0", "trainer.max_steps=2", "trainer.progress_bar=false", "trainer.log_every_n_steps=1"]
     names = list(runs)
@@ -130,4 +132,6 @@ def test_every_method_trains_from_the_command_line(tmp_path):
         assert summary["method"] == method_name(option) and summary["global_step"] == 2, option
         assert math.isfinite(summary["train_loss"]), option
         assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "backbone.safetensors").is_file()
+        # Only tensors and plain containers: torch's weights_only allowlist is enough (distributed/safe_load.py).
+        assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2, option
     assert len(runs) >= 10 and BATCH == 8
