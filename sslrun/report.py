@@ -11,9 +11,11 @@ in the sweep directory):
 - `report.md`, also printed: one row per run with its method, backbone and data, the overrides
   that differ between the runs (`.hydra/overrides.yaml`; from `.hydra/config.yaml` when a run has
   no overrides file), and its results from `summary.json` (final step, training loss, kNN top-1
-  and its random-init value, linear probe, zero-shot top-1, throughput, wall time), and a status
-  column when a run did not complete (it failed, diverged or was preempted: summary.json says so
-  and how far it got). Columns no run has a value for are left out.
+  and its random-init value, linear probe, zero-shot top-1, throughput, wall time), the offline
+  protocols' numbers where `python -m sslrun.evaluate` wrote them (`eval/<protocol>.json`: kNN,
+  linear and fine-tuning top-1, RankMe, alignment, uniformity), and a status column when a run did
+  not complete (it failed, diverged or was preempted: summary.json says so and how far it got).
+  Columns no run has a value for are left out.
 - `loss.png`: `train/loss` against step, one line per run; `knn.png`: `eval/knn_top1` against
   step (random init at step 0), with a second panel for `eval/zero_shot_top1` when a run has it.
   Both read `csv/metrics.csv` (`logger=csv`, the default).
@@ -51,6 +53,15 @@ RESULT_COLUMNS = [
     ("images_per_sec", "images_per_sec", "rate"),
     ("wall_time", "wall_time_sec", "duration"),
 ]
+# (header, offline protocol, key of its eval/<protocol>.json): python -m sslrun.evaluate's numbers.
+EVAL_COLUMNS = [
+    ("offline_knn_top1", "knn", "top1"),
+    ("offline_linear_top1", "linear", "top1"),
+    ("finetune_top1", "finetune", "top1"),
+    ("rankme", "stats", "rankme"),
+    ("alignment", "stats", "alignment"),
+    ("uniformity", "stats", "uniformity"),
+]
 # Groups summary.json names itself: the table shows them as columns of their own.
 NAMED_GROUPS = ("method", "backbone", "data")
 MISSING = "–"
@@ -71,6 +82,12 @@ class Run:
             self.summary = json.loads(self.layout.summary.read_text())
         except ValueError as error:
             raise ReportError(f"{self.layout.summary} is not valid JSON: {error}") from None
+        self.evals = {}
+        for path in self.layout.eval_results():
+            try:
+                self.evals[path.stem] = json.loads(path.read_text())
+            except ValueError as error:
+                raise ReportError(f"{path} is not valid JSON: {error}") from None
         self.overrides = _read_overrides(self.layout.overrides)
         self._config = None
         self._rows = None
@@ -323,6 +340,8 @@ def table(runs: list, settings: Optional[dict] = None) -> str:
     columns += list((differing_settings(runs) if settings is None else settings).items())
     for header, key, kind in RESULT_COLUMNS:
         columns.append((header, [_format(r.summary.get(key), kind) for r in runs]))
+    for header, protocol, key in EVAL_COLUMNS:
+        columns.append((header, [_format(r.evals.get(protocol, {}).get(key), "metric") for r in runs]))
     columns = [(h, v) for h, v in columns if any(x is not None for x in v)]
     lines = ["| " + " | ".join(_cell(h) for h, _ in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
@@ -424,7 +443,11 @@ def report(run_dirs: Union[PathLike, Iterable[PathLike]], out_dir: Optional[Path
 
     lines = [f"# Run comparison ({len(runs)} run{'s' if len(runs) != 1 else ''})", "", table(runs, settings), ""]
     lines += ["Final values from each run's summary.json (train_loss: mean over the last epoch; "
-              "knn_top1, linear_probe_top1, zero_shot_top1: final evaluation).", ""]
+              "knn_top1, linear_probe_top1, zero_shot_top1: final evaluation)."]
+    if any(r.evals for r in runs):
+        lines += ["offline_*, finetune_top1, rankme, alignment, uniformity: python -m sslrun.evaluate "
+                  "(each run's eval/<protocol>.json states the protocol's settings)."]
+    lines += [""]
     lines += ["Runs:", ""] + [f"- `{r.label}`: {r.path}" for r in runs] + [""]
     if unfinished:
         lines += ["Not finished (no summary.json: still running, or killed), left out:", ""]
