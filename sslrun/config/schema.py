@@ -9,7 +9,7 @@ ConfigError with one line that names the key and the fix.
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sslrun.config.errors import ConfigError, require
 
@@ -24,8 +24,12 @@ class Schema:
 
 
 def require_positive(node: DictConfig, prefix: str, *keys: str) -> None:
+    """Each key's value, or every element of a (non-empty) list value, is positive; `prefix`
+    names the node ("" for the top level)."""
     for key in keys:
-        require(node[key] > 0, f"{prefix}.{key}={node[key]}: must be positive")
+        values = list(node[key]) if OmegaConf.is_list(node[key]) else [node[key]]
+        name = f"{prefix}.{key}" if prefix else key
+        require(len(values) > 0 and all(v > 0 for v in values), f"{name}={node[key]}: must be positive")
 
 
 def require_unit_interval(node: DictConfig, prefix: str, *keys: str) -> None:

@@ -14,19 +14,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sslrun.config import ConfigError, compose, lenient, merge_typed, register_hydra_extras
 from sslrun.config.errors import require
-from sslrun.config.schema import DATASETS, BackboneConfig, Schema
+from sslrun.config.schema import DATASETS, BackboneConfig, Schema, require_positive
 from sslrun.run_dir import RunDir
 
 EVAL_CONF_DIR = Path(__file__).resolve().parents[1] / "conf_evaluate"
 PROTOCOLS = sorted(p.stem for p in (EVAL_CONF_DIR / "protocol").glob("*.yaml"))
 TRAINING_GROUPS = ("backbone", "data")  # overrides of these go to the training config
 BASELINES = ("pixels", "random_init")
-
-
-def _positive(node: DictConfig, prefix: str, *keys: str) -> None:
-    for key in keys:
-        values = node[key] if OmegaConf.is_list(node[key]) else [node[key]]
-        require(len(values) > 0 and all(v > 0 for v in values), f"{prefix}{key}={node[key]}: must be positive")
 
 
 def _crop_scale(node: DictConfig, prefix: str) -> None:
@@ -47,7 +41,7 @@ class KNNProtocol(Schema):
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
         p = cfg.protocol
-        _positive(p, "protocol.", "k", "temperature")
+        require_positive(p, "protocol", "k", "temperature")
         require(p.report_k in p.k, f"protocol.report_k={p.report_k}: must be one of protocol.k={list(p.k)}")
         require(p.bank_size is None or p.bank_size > 0, f"protocol.bank_size={p.bank_size}: positive, or null")
         for baseline in p.baselines:
@@ -70,7 +64,7 @@ class LinearProtocol(Schema):
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
         p = cfg.protocol
-        _positive(p, "protocol.", "epochs", "batch_size", "lr")
+        require_positive(p, "protocol", "epochs", "batch_size", "lr")
         require(p.threads is None or p.threads > 0, f"protocol.threads={p.threads}: positive, or null")
         require(len(p.weight_decay) > 0 and min(p.weight_decay) >= 0,
                 f"protocol.weight_decay={list(p.weight_decay)}: give one or more values >= 0")
@@ -96,7 +90,7 @@ class FinetuneProtocol(Schema):
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
         p = cfg.protocol
-        _positive(p, "protocol.", "epochs", "batch_size", "base_lr")
+        require_positive(p, "protocol", "epochs", "batch_size", "base_lr")
         require(p.max_steps is None or p.max_steps > 0, f"protocol.max_steps={p.max_steps}: positive, or null")
         require(0 < p.layer_decay <= 1, f"protocol.layer_decay={p.layer_decay}: must be in (0, 1] (1: none)")
         require(p.warmup_epochs >= 0, f"protocol.warmup_epochs={p.warmup_epochs}: must be at least 0")
@@ -113,7 +107,7 @@ class StatsProtocol(Schema):
 
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
-        _positive(cfg.protocol, "protocol.", "pairs", "alignment_alpha", "uniformity_t")
+        require_positive(cfg.protocol, "protocol", "pairs", "alignment_alpha", "uniformity_t")
         require(cfg.protocol.pairs >= 2, f"protocol.pairs={cfg.protocol.pairs}: needs at least 2 images")
         _crop_scale(cfg.protocol, "protocol")
 
@@ -136,7 +130,7 @@ class EvaluateConfig(Schema):
 
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
-        _positive(cfg, "", "devices", "batch_size")
+        require_positive(cfg, "", "devices", "batch_size")
         require(cfg.accelerator in ACCELERATORS, f"accelerator={cfg.accelerator}: choose one of: {', '.join(ACCELERATORS)}")
         require(cfg.num_workers is None or cfg.num_workers >= 0, f"num_workers={cfg.num_workers}: at least 0, or null")
 
