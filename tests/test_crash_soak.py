@@ -2,9 +2,11 @@
 saves, evaluations and the requeue path) and resumed with resume=auto until done end exactly as an
 uninterrupted run does: the same final weights, every training step once in csv/metrics.csv.
 
-Each kill is aimed at a phase (a random moment, a checkpoint's temporary file, an evaluation's
-start in the log, the requeue's checkpoint) and the phase it landed in is read off the run dir at
-that moment; the test prints how many landed where.
+Each kill waits for the run to pass a random step (spread over the run, read off its step
+checkpoints, so it means the same on fast and slow machines), is then aimed at a phase (a random
+moment, a checkpoint's temporary file, an evaluation's start in the log, the requeue's checkpoint),
+and the phase it landed in is read off the run dir at that moment; the test prints how many landed
+where.
 """
 
 import collections
@@ -20,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sslrun.run_dir import RunDir
+from sslrun.run_dir import RunDir, step_of
 from sslrun.train import is_intact
 from tests.conftest import REPO, column, read_metrics, read_summary, run_cli
 from tests.processes import start_cli_process
@@ -104,6 +106,7 @@ def _phase_now(run_dir: Path) -> str:
 
 
 def _wait(condition, process, timeout=120.0, poll=0.002) -> bool:
+    """True once `condition()` holds; False if the process ends or `timeout` passes first."""
     deadline = time.time() + timeout
     while not condition():
         if process.exitcode is not None or time.time() > deadline:
@@ -112,24 +115,42 @@ def _wait(condition, process, timeout=120.0, poll=0.002) -> bool:
     return True
 
 
-def kill_once(aim: str, run_dir: Path, strategy: str, image_folder: Path, rng: random.Random) -> str:
-    """Start (or resume) the run and kill it as `aim` says; the phase the kill landed in."""
+def _newest_step(run_dir: Path) -> int:
+    checkpoints = RunDir(run_dir).step_checkpoints() if (run_dir / "checkpoints").exists() else []
+    return step_of(checkpoints[0]) if checkpoints else -1
+
+
+def target_steps(strategy: str, rng: random.Random) -> list:
+    """Where each kill waits for the run to get to first: one random step in each of as many equal
+    parts of the first 80% of the run as there are kills, so that kills land at every stage of it on
+    a fast machine and a slow one alike, and the last one still finds the run training."""
+    kills, total = len(KILLS[strategy]), total_steps(strategy)
+    part = 0.8 * total / kills
+    return [int(rng.uniform(index * part, (index + 1) * part)) for index in range(kills)]
+
+
+def kill_once(aim: str, target: int, run_dir: Path, strategy: str, image_folder: Path, rng: random.Random) -> str:
+    """Start (or resume) the run, let it write a step checkpoint at or past `target` (and past any
+    already there: this process is training, its signal handlers set), then kill it as `aim` says;
+    the phase the kill landed in."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(FAKE_SLURM if aim == "requeue" else {})}
-    before = _log(run_dir)
+    before, target = _log(run_dir), max(target, _newest_step(run_dir) + 1)
     process = start_cli_process(args(image_folder, run_dir, strategy), REPO, env, run_dir.parent / "out.txt",
                                 run_dir.parent / "err.txt")
     new_log = lambda: _log(run_dir)[len(before):]  # noqa: E731  (sslrun.log is appended to)
-    landed = _wait(lambda: "steps per epoch" in new_log(), process)  # built; training starts
+    landed = _wait(lambda: _newest_step(run_dir) >= target, process)
     if landed and aim == "random":
-        landed = not _wait(lambda: False, process, timeout=rng.uniform(0.3, 2.5))
+        landed = not _wait(lambda: False, process, timeout=rng.uniform(0.0, 0.5))
     elif landed and aim == "checkpoint save":
         landed = _wait(lambda: bool(_partial_checkpoints(run_dir)), process)
     elif landed and aim == "evaluation":  # one after training began (not the baseline before it)
         landed = _wait(lambda: re.search(r"OnlineEvaluation at step [1-9]", new_log()), process)
     elif landed and aim == "requeue":  # SLURM's warning signal, then the kill while it checkpoints
-        if not _wait(lambda: False, process, timeout=rng.uniform(0.3, 1.5)):
+        try:
             os.kill(process.pid, signal.SIGUSR2)
             landed = _wait(lambda: "then requeueing the job" in new_log(), process)
+        except ProcessLookupError:  # it ended between the two
+            landed = False
     phase = _phase_now(run_dir) if landed else "finished first"
     if process.exitcode is None:
         os.killpg(process.pid, signal.SIGKILL)
@@ -147,8 +168,10 @@ def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_result(strate
     killed = tmp_path / "killed" / "run"
     killed.parent.mkdir()
     rng = random.Random(f"soak-{strategy}")
-    phases = collections.Counter(kill_once(aim, killed, strategy, image_folder, rng) for aim in KILLS[strategy])
-    print(f"\n{strategy}: kills landed in {dict(phases)}")
+    targets = target_steps(strategy, rng)
+    phases = collections.Counter(kill_once(aim, target, killed, strategy, image_folder, rng)
+                                 for aim, target in zip(KILLS[strategy], targets))
+    print(f"\n{strategy}: kills after steps {targets} landed in {dict(phases)}")
     assert phases["finished first"] == 0, phases
 
     layout = RunDir(killed)

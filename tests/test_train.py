@@ -63,6 +63,7 @@ def test_ddp_on_two_processes_shards_the_data_and_learns(tmp_path):
 
 
 def test_killed_run_resumes_step_counter_and_schedule(tmp_path):
+    from sslrun.callbacks.checkpoints import PENDING_ROW
     from sslrun.config import compose
     from sslrun.train import lr_schedule
 
@@ -78,6 +79,9 @@ def test_killed_run_resumes_step_counter_and_schedule(tmp_path):
     os.killpg(process.pid, signal.SIGKILL)
     process.join()
     assert not (resumed / "summary.json").exists(), "the run finished before it was killed"
+    # Step 7's metrics are logged after the checkpoint at its end is made: they travel in it.
+    pending = torch.load(resumed / "checkpoints" / "step_000008.ckpt", map_location="cpu", weights_only=True)
+    assert pending[PENDING_ROW]["step"] == 7 and pending[PENDING_ROW]["metrics"]["lr"] == pytest.approx(schedule(7))
     steps_before = {s for s, _ in column(read_metrics(resumed), "lr")} if (resumed / "csv").exists() else set()
 
     result = run_cli(*common, f"hydra.run.dir={resumed}")
@@ -88,6 +92,7 @@ def test_killed_run_resumes_step_counter_and_schedule(tmp_path):
     after = [(s, v) for s, v in resumed_lr if s not in steps_before]
     first_step = after[0][0]
     assert 8 <= first_step < 32, "the resumed run must continue, not restart at step 0"
+    assert [step for step, _ in resumed_lr] == list(range(32))  # every step once, wherever the kill landed
     for step, lr in after:
         assert lr == pytest.approx(schedule(step)), step  # the schedule continues where it stopped
     checkpoint = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
