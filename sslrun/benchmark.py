@@ -5,6 +5,7 @@ evaluated offline, in one results table (docs/results.md).
     python -m sslrun.benchmark suite=long methods=[simclr,byol,mocov3,vicreg,dino]
     python -m sslrun.benchmark mode=plan                        # what would train, resume, evaluate
     python -m sslrun.benchmark mode=table                       # rewrite the table from <root> only
+    python -m sslrun.benchmark records=docs/results/quick       # keep finished runs' results there
 
 A suite (`sslrun/conf_benchmark/suite/<name>.yaml`) is overrides added to every method's
 training command, overrides per method, and the offline protocols with their overrides. The
@@ -18,6 +19,13 @@ and is then evaluated with `sslrun.evaluate.evaluate_run(run_dir, protocol, over
 protocol of the suite (`eval/<protocol>.json` in the run directory). Runs go seed by seed (every
 method's seed 0 first), so an interrupted benchmark has a table over all methods early; the table
 is rewritten after every run.
+
+Records across machines: run directories hold weights and checkpoints and stay where they are
+trained; `records=DIR` keeps what the table reads of each finished run (summary.json,
+benchmark.json, eval/<protocol>.json: kilobytes) in DIR/<method>/seed<S>/, to be committed. A later
+benchmark with the same records= (on another machine, or after the run directories are gone)
+counts those runs as finished and trains only the rest, so a suite too long for one sitting is
+recorded over several, each run with the machine it ran on.
 
 Resuming: run it again with the same arguments. A run whose summary.json says completed (or
 diverged: the same budget diverges again) is not trained again, and a protocol whose JSON is there
@@ -292,6 +300,75 @@ def _last_line(path: Path) -> str:
     return (errors or lines or ["no output"])[-1][:200]
 
 
+# ---------------------------------------------------------------------- records
+
+def record_dir(cfg: DictConfig, run: PlannedRun) -> Optional[Path]:
+    """Where `records=` keeps the run's results: <records>/<method>/seed<S>/ (None: no records)."""
+    return Path(cfg.records) / run.method / f"seed{run.seed}" if cfg.records else None
+
+
+def _recorded_files(cfg: DictConfig, run: PlannedRun) -> List[Path]:
+    """What the table reads of a run, relative to its directory: summary.json, benchmark.json and
+    the suite's eval/<protocol>.json (no weights: a record is kilobytes, fit for git)."""
+    layout = run.layout
+    files = [layout.summary, layout.benchmark_record, *(layout.eval_result(p) for p in cfg.suite.protocols)]
+    return [f.relative_to(layout.root) for f in files]
+
+
+def save_record(cfg: DictConfig, run: PlannedRun) -> None:
+    """Copy a finished run's results into its record directory."""
+    target = record_dir(cfg, run)
+    for relative in _recorded_files(cfg, run):
+        _copy(run.run_dir / relative, target / relative)
+
+
+def _copy(source: Path, target: Path) -> None:
+    if source.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".tmp")
+        partial.write_bytes(source.read_bytes())
+        os.replace(partial, target)
+
+
+def recorded(cfg: DictConfig, run: PlannedRun) -> Optional[Path]:
+    """The run's record directory when it holds the run finished (completed with every protocol
+    of the suite, or diverged); None otherwise. A record of another command is an error."""
+    target = record_dir(cfg, run)
+    found = read_json(target / "summary.json") if target is not None else None
+    if found is None:
+        return None
+    written = read_json(target / "benchmark.json") or {}
+    if not same_command(written.get("command"), run):
+        raise BenchmarkError(
+            f"{target} records a run of `python -m sslrun {' '.join(written.get('command') or [])}`, not this "
+            f"suite's `python -m sslrun {' '.join(run.overrides)}`: give another records= (or remove that directory)")
+    finished = found.get("status") == "diverged" or (found.get("status") == "completed" and all(
+        (target / "eval" / f"{p}.json").is_file() for p in cfg.suite.protocols))
+    return target if finished else None
+
+
+def restorable(cfg: DictConfig, runs: List[PlannedRun]) -> Dict[Path, Path]:
+    """run dir -> record dir, for the runs not trained here that have a finished record. A run
+    that another run needs (a teacher) is restored only when that run is finished or restored
+    too: its record has no weights to learn from."""
+    found = {run.run_dir: recorded(cfg, run) for run in runs if not trained(run)}
+    found = {d: r for d, r in found.items() if r is not None}
+    for run in runs:
+        if run.run_dir not in found and next_step(cfg, run) != "finished":
+            for needed in run.needs:
+                found.pop(needed, None)
+    return found
+
+
+def restore_records(cfg: DictConfig, runs: List[PlannedRun], targets: Dict[Path, Path]) -> None:
+    """Fill run directories from their records (`restorable`), so those runs count as finished."""
+    for run in runs:
+        if run.run_dir in targets:
+            for relative in _recorded_files(cfg, run):
+                _copy(targets[run.run_dir] / relative, run.run_dir / relative)
+            log.info("%s: restored from %s", run.name, targets[run.run_dir])
+
+
 # ---------------------------------------------------------------------- running
 
 def machine() -> str:
@@ -318,10 +395,24 @@ def _write_record(run: PlannedRun, values: dict) -> None:
     os.replace(partial, path)
 
 
+def _without_root(command: Sequence[str]) -> List[str]:
+    """The command with the benchmark's root (read off its hydra.run.dir=ROOT/METHOD/seedS) written
+    as <root>: the same run, wherever root= put it."""
+    dirs = [a.split("=", 1)[1] for a in command if a.startswith("hydra.run.dir=")]
+    if not dirs:
+        return list(command)
+    root = str(Path(dirs[0]).parent.parent) + "/"
+    return [a.replace(root, "<root>/") for a in command]
+
+
+def same_command(command: Optional[Sequence[str]], run: PlannedRun) -> bool:
+    return bool(command) and _without_root(command) == _without_root(run.overrides)
+
+
 def check_same_command(run: PlannedRun) -> None:
     """A run directory trained with another command would mix two budgets in one row."""
     written = record(run)
-    if written is not None and written.get("command") != run.overrides:
+    if written is not None and not same_command(written.get("command"), run):
         raise BenchmarkError(
             f"{run.run_dir} was trained by `python -m sslrun {' '.join(written.get('command') or [])}`, "
             f"not by this suite's `python -m sslrun {' '.join(run.overrides)}`: give another root= "
@@ -592,20 +683,26 @@ def run_benchmark(overrides: Sequence[str] = ()) -> List[PlannedRun]:
     for run in runs:
         check_same_command(run)
     invocation = " ".join(["python -m sslrun.benchmark", *(_quote(o) for o in overrides if not o.startswith("mode="))])
+    restored = restorable(cfg, runs) if cfg.records else {}  # (records checked before anything is written)
     if cfg.mode == "plan":
         for run in runs:
             step = next_step(cfg, run)
-            if step == "skip":  # its teacher is planned before it
+            if run.run_dir in restored:
+                step = f"finished (recorded in {restored[run.run_dir]})"
+            elif step == "skip":  # its teacher is planned before it
                 step = f"train once {', '.join(map(str, run.needs))} completed"
             print(f"{run.name}: {step}: python -m sslrun {' '.join(map(_quote, run.overrides))}")
         return runs
     _log_to(Path(cfg.root))
+    restore_records(cfg, runs, restored)
     out = Path(cfg.out)
     if cfg.mode == "run":
         todo = [r for r in runs if next_step(cfg, r) != "finished"]
         log.info("suite %s: %d runs, %d to train or evaluate; results: %s", cfg.suite.name, len(runs), len(todo), out)
         for run in runs:
             execute(cfg, run)
+            if cfg.records and next_step(cfg, run) == "finished":
+                save_record(cfg, run)
             write_results(out, cfg.suite.name, section(cfg, runs, invocation))
     write_results(out, cfg.suite.name, section(cfg, runs, invocation))
     log.info("results written to %s", out)
