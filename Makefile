@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS   ?=
 
-.PHONY: install data slurm train test test-fast bench benchmark report docker clean
+.PHONY: install data slurm peers train test test-fast bench benchmark report docker clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,17 +27,26 @@ train: install data
 slurm:
 	@scripts/slurm_cluster.sh install
 
-test: install data slurm
+test: install data slurm peers
 	$(BIN)/python -m pytest -q $(ARGS)
 
 # Unit tests only (no end-to-end training runs).
-test-fast: install data
+test-fast: install data peers
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-bench: install data
+# lightly, for scripts/bench_peers.py only (sslrun never imports it); --no-deps: its pins must not replace torch.
+peers: install
+	@$(BIN)/python -c "import importlib.metadata as m; assert m.version('lightly') == '1.6.0'" 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet --no-deps 'lightly==1.6.0'
+
+# The side-by-side with lightly resumes where it stopped; its first full run (7 methods x 3 seeds x
+# 2 sides, each quick recipe and a kNN evaluation) takes hours on 2 cores. PEERS_ARGS="--methods simclr".
+PEERS_ARGS ?=
+bench: install data peers
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_multicrop.py
 	$(BIN)/python scripts/bench_memory.py
+	$(BIN)/python scripts/bench_peers.py $(PEERS_ARGS)
 
 # Every registered method at a suite's budget, offline kNN and linear, 3 seeds -> docs/results.md
 # (python -m sslrun.benchmark; resumes where it stopped). ARGS="suite=long methods=[simclr,byol]".

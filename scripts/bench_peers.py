@@ -1,0 +1,444 @@
+"""sslrun side by side with lightly: the same run written with lightly's transforms, heads and
+losses in a plain PyTorch loop, against `python -m sslrun` with the same settings.
+
+    python scripts/bench_peers.py                          # every method below, 3 seeds
+    python scripts/bench_peers.py --methods simclr,byol --seeds 1 --steps 50
+    python scripts/bench_peers.py --table                  # rewrite the table from the run dirs only
+    python scripts/bench_peers.py --methods simclr --seeds 1 --steps 20 data=mnist5k   # a smoke run
+
+Both sides start from one composed sslrun config (`python -m sslrun method=NAME --cfg job` with
+the same overrides), so they share by construction the backbone (sslrun's timm model, built once
+for both), the global batch, the views (each view's crop scale, flip, colour jitter, grey, blur
+and solarisation probabilities, handed to lightly's own view transforms), the optimizer (LARS,
+SGD or AdamW at sslrun's scaled lr, weight decay and bias/norm exclusions; lightly's LARS), the
+warm-up + cosine schedule, the momentum schedule and the number of steps. The heads and losses
+are lightly's, sized from the method's config. Neither side evaluates while training.
+
+Each (method, seed) trains both, alternating which goes first (seed 0: sslrun first, seed 1:
+lightly first, ...), so each pair ran side by side in time; images/s is the same measure on both
+sides (the wall time between consecutive training steps, data loading included, from the 6th
+step on). Then both backbones go through one shared evaluation: `python -m sslrun.evaluate
+RUN_DIR protocol=knn` (the lightly loop writes a run directory sslrun.evaluate reads: the
+composed config, backbone.safetensors, summary.json). Results: run directories under
+benchmarks/peers/<method>/<side>_seed<S>/, the table in docs/benchmarks.md. Finished runs and
+evaluations are not redone (resumable).
+
+lightly is a benchmark-only extra (`make peers`: `pip install --no-deps lightly==1.6.0`, so its
+pins cannot replace torch); sslrun never imports it.
+"""
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+METHODS = ["simclr", "mocov2", "byol", "simsiam", "barlow_twins", "vicreg", "dino"]  # what lightly ships
+SIDES = ("sslrun", "lightly")
+# Added to both sides: no evaluation while training (the shared one comes after), no pictures.
+COMMON = ["eval.enabled=false", "eval.pictures=0", "trainer.progress_bar=false"]
+SKIP = 5  # steps not timed: worker start-up and warm-up (sslrun's Throughput callback skips as many)
+
+
+# ---------------------------------------------------------------------- the lightly side
+
+def lightly_views(cfg):
+    """sslrun's views as lightly transforms, one lightly view transform per view: BYOLView1Transform
+    (crops up to the whole image), DINO's views with DINOViewTransform, which takes a scale range
+    for the local crops. (Not DINOTransform: lightly 1.6 drops cj_strength for its second global
+    view, which then jitters at half the asked strength.)"""
+    from lightly.transforms import BYOLView1Transform, DINOViewTransform
+    from lightly.transforms.multi_view_transform import MultiViewTransform
+
+    normalize = {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}
+    transforms = []
+    for view in (view for view in cfg.augmentation.views for _ in range(view.count)):
+        jitter = view.color_jitter
+        common = dict(cj_prob=jitter.p, cj_strength=1.0, cj_bright=jitter.brightness, cj_contrast=jitter.contrast,
+                      cj_sat=jitter.saturation, cj_hue=jitter.hue, random_gray_scale=view.grayscale_p,
+                      gaussian_blur=view.blur_p, solarization_prob=view.solarize_p, sigmas=tuple(view.blur_sigma),
+                      hf_prob=view.flip_p, normalize=normalize)
+        if cfg.method.name == "dino":
+            transforms.append(DINOViewTransform(crop_size=view.size, crop_scale=tuple(view.scale), **common))
+        elif view.scale[1] != 1.0:
+            raise SystemExit(f"{cfg.method.name}: lightly's view transform crops up to scale 1.0, not {view.scale[1]}")
+        else:
+            transforms.append(BYOLView1Transform(input_size=view.size, min_scale=view.scale[0], **common))
+    return MultiViewTransform(transforms)
+
+
+class LightlyMethod:
+    """One method in lightly's pieces: `modules` (trained), `momentum_pairs` (online -> EMA copy),
+    `loss(views, step)`, and the parameter groups whose lr stays fixed."""
+
+    def __init__(self, cfg, backbone, total_steps: int, steps_per_epoch: int):
+        import torch
+        from lightly import loss as losses
+        from lightly.models import modules as heads
+        from lightly.models.utils import deactivate_requires_grad
+
+        m, name = cfg.method, cfg.method.name
+        features = backbone.num_features
+        self.name, self.total_steps, self.backbone = name, total_steps, backbone
+        self.fixed_lr_modules, self.momentum_pairs = [], []
+        self.momentum = (m.get("momentum"), m.get("final_momentum", m.get("momentum")))
+
+        def hidden(mlp):
+            return mlp.hidden_dim or features
+
+        def ema_copy(module, build=None):
+            """A frozen copy that starts equal to `module` (`build()` makes a fresh one where deepcopy
+            cannot: DINO's weight-normed last layer), then follows it by momentum."""
+            twin = copy.deepcopy(module) if build is None else build()
+            if build is not None:
+                twin.load_state_dict(module.state_dict())
+            deactivate_requires_grad(twin)
+            return twin
+
+        if name == "simclr":
+            self.head = heads.SimCLRProjectionHead(features, hidden(m.projector), m.projector.out_dim,
+                                                   num_layers=m.projector.num_layers, batch_norm=m.projector.batch_norm)
+            self.criterion = losses.NTXentLoss(temperature=m.temperature)
+        elif name == "mocov2":
+            self.head = heads.MoCoProjectionHead(features, hidden(m.projector), m.projector.out_dim,
+                                                 num_layers=m.projector.num_layers, batch_norm=m.projector.batch_norm)
+            self.key_backbone, self.key_head = ema_copy(backbone), ema_copy(self.head)
+            self.momentum_pairs = [(backbone, self.key_backbone), (self.head, self.key_head)]
+            self.criterion = losses.NTXentLoss(temperature=m.temperature,
+                                               memory_bank_size=(m.queue_size, m.projector.out_dim))
+        elif name in ("byol", "simsiam"):
+            projection = heads.BYOLProjectionHead if name == "byol" else heads.SimSiamProjectionHead
+            prediction = heads.BYOLPredictionHead if name == "byol" else heads.SimSiamPredictionHead
+            self.head = projection(features, hidden(m.projector), m.projector.out_dim)
+            self.predictor = prediction(m.projector.out_dim, m.predictor_mlp.hidden_dim, m.predictor_mlp.out_dim)
+            if name == "byol":
+                self.target_backbone, self.target_head = ema_copy(backbone), ema_copy(self.head)
+                self.momentum_pairs = [(backbone, self.target_backbone), (self.head, self.target_head)]
+            elif m.fixed_predictor_lr:
+                self.fixed_lr_modules = [self.predictor]
+            self.criterion = losses.NegativeCosineSimilarity()
+        elif name in ("barlow_twins", "vicreg"):
+            self.head = heads.BarlowTwinsProjectionHead(features, m.projector.hidden_dim, m.projector.out_dim)
+            self.criterion = (losses.BarlowTwinsLoss(lambda_param=m.lambd) if name == "barlow_twins" else
+                              losses.VICRegLoss(lambda_param=m.invariance_weight, mu_param=m.variance_weight,
+                                                nu_param=m.covariance_weight, eps=m.eps))
+        elif name == "dino":
+            h = m.head
+            freeze_steps = round(m.freeze_last_layer_epochs * steps_per_epoch)  # lightly counts "epochs": steps here
+            def dino_head():
+                return heads.DINOProjectionHead(features, h.hidden_dim, h.bottleneck_dim, h.out_dim,
+                                                batch_norm=h.batch_norm, freeze_last_layer=freeze_steps,
+                                                norm_last_layer=h.norm_last_layer)
+            self.head = dino_head()
+            self.teacher_backbone, self.teacher_head = ema_copy(backbone), ema_copy(self.head, dino_head)
+            self.momentum_pairs = [(backbone, self.teacher_backbone), (self.head, self.teacher_head)]
+            self.criterion = losses.DINOLoss(output_dim=h.out_dim, warmup_teacher_temp=m.warmup_teacher_temperature,
+                                             teacher_temp=m.teacher_temperature,
+                                             warmup_teacher_temp_epochs=round(
+                                                 m.warmup_teacher_temperature_epochs * steps_per_epoch),
+                                             student_temp=m.student_temperature, center_momentum=m.center_momentum)
+            self.global_crops = m.global_crops
+        else:
+            raise SystemExit(f"method={name}: no lightly counterpart here; choose from {', '.join(METHODS)}")
+        trained = [backbone, self.head, *([self.predictor] if hasattr(self, "predictor") else [])]
+        self.modules = torch.nn.ModuleList(trained)
+        self.frozen = torch.nn.ModuleList([twin for _, twin in self.momentum_pairs])
+
+    def update_momentum(self, step: int) -> None:
+        from lightly.models.utils import update_momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        if self.momentum_pairs:
+            start, end = self.momentum
+            value = cosine_schedule(step, self.total_steps, start, end)
+            for online, twin in self.momentum_pairs:
+                update_momentum(online, twin, value)
+
+    def loss(self, views, step: int):
+        import torch
+        from lightly.models.utils import batch_shuffle, batch_unshuffle
+
+        b, name = self.backbone, self.name
+        if name == "simclr" or name in ("barlow_twins", "vicreg"):
+            return self.criterion(self.head(b(views[0])), self.head(b(views[1])))
+        if name == "mocov2":
+            query = self.head(b(views[0]))
+            with torch.no_grad():
+                shuffled, order = batch_shuffle(views[1])  # lightly's shuffling BN on one process
+                key = batch_unshuffle(self.key_head(self.key_backbone(shuffled)), order)
+            return self.criterion(query, key.detach())
+        if name in ("byol", "simsiam"):
+            z = [self.head(b(v)) for v in views]
+            p = [self.predictor(zi) for zi in z]
+            if name == "byol":
+                with torch.no_grad():
+                    z = [self.target_head(self.target_backbone(v)) for v in views]
+            return 0.5 * (self.criterion(p[0], z[1].detach()) + self.criterion(p[1], z[0].detach()))
+        if name == "dino":
+            with torch.no_grad():
+                teacher = [self.teacher_head(self.teacher_backbone(v)) for v in views[:self.global_crops]]
+            student = [self.head(b(v)) for v in views]
+            loss = self.criterion(teacher, student, epoch=step)
+            self.criterion.update_center(torch.stack(teacher))  # DINO's centre: this batch's teacher outputs
+            return loss
+        raise AssertionError(name)
+
+
+def parameter_groups(cfg, method: LightlyMethod, peak_lr: float):
+    """sslrun's grouping rule: weight decay (and LARS adaptation, which lightly's LARS skips at
+    weight_decay=0) off for biases and norms when exclude_bias_and_norm; modules whose lr stays
+    fixed (SimSiam's predictor) in groups of their own."""
+    o = cfg.optimizer
+    groups = []
+    fixed = {id(p) for module in method.fixed_lr_modules for p in module.parameters()}
+    for module_fixed in (False, True):
+        decay, no_decay = [], []
+        for p in method.modules.parameters():
+            if (id(p) in fixed) != module_fixed or not p.requires_grad:
+                continue
+            (no_decay if o.exclude_bias_and_norm and p.ndim <= 1 else decay).append(p)
+        for params, weight_decay, scale in ((decay, o.weight_decay, 1.0),
+                                            (no_decay, 0.0, o.bias_and_norm_lr_scale)):
+            if params:
+                groups.append({"params": params, "weight_decay": weight_decay, "peak_lr": peak_lr * scale,
+                               "fixed_lr": module_fixed, "decays": weight_decay > 0})
+    return groups
+
+
+def build_optimizer(cfg, groups):
+    import torch
+    from lightly.utils.lars import LARS
+
+    o = cfg.optimizer
+    if o.name == "lars":
+        return LARS(groups, lr=0.0, momentum=o.momentum, trust_coefficient=o.trust_coefficient)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, nesterov=o.nesterov)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), eps=o.eps)
+    raise SystemExit(f"optimizer.name={o.name}: not mapped to a lightly run")
+
+
+def train_lightly(cfg, run_dir: Path) -> None:
+    """The lightly loop, then the run directory sslrun.evaluate reads."""
+    import lightning as L
+    import torch
+    from lightly.utils.scheduler import cosine_schedule, cosine_warmup_schedule
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from sslrun.data.datamodule import default_num_workers
+    from sslrun.data.datasets import build_splits
+    from sslrun.launch.threads import cpu_threads
+    from sslrun.models.backbones import build_backbone
+    from sslrun.train import lr_schedule
+
+    L.seed_everything(cfg.seed)
+    cpu_threads(1)  # as sslrun sets them for one process
+    splits = build_splits(cfg.data)
+    schedule, steps_per_epoch = lr_schedule(cfg, len(splits.train))
+    total = schedule.total_steps
+    backbone = build_backbone(cfg.backbone, cfg.data.channels)
+    method = LightlyMethod(cfg, backbone, total, steps_per_epoch)
+    groups = parameter_groups(cfg, method, schedule.peak)
+    optimizer = build_optimizer(cfg, groups)
+    transform = lightly_views(cfg)
+    dataset = _Transformed(splits.train, transform)
+    workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_num_workers(1)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=workers, persistent_workers=workers > 0)
+    method.modules.train()
+    timed_images, timed_seconds, step, losses = 0, 0.0, 0, []
+    started = time.time()
+    while step < total:
+        last = time.perf_counter()
+        for views, _ in loader:
+            for group in groups:
+                group["lr"] = group["peak_lr"] if group["fixed_lr"] else cosine_warmup_schedule(
+                    step, total, group["peak_lr"], group["peak_lr"] * cfg.scheduler.final_lr_ratio,
+                    schedule.warmup_steps, 0.0)
+                if group["decays"] and cfg.optimizer.get("final_weight_decay") is not None:
+                    group["weight_decay"] = cosine_schedule(step, total, cfg.optimizer.weight_decay,
+                                                            cfg.optimizer.final_weight_decay)
+            method.update_momentum(step)
+            loss = method.loss(views, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.trainer.gradient_clip_val:
+                torch.nn.utils.clip_grad_norm_(method.modules.parameters(), cfg.trainer.gradient_clip_val)
+            if method.name == "dino":
+                method.head.cancel_last_layer_gradients(current_epoch=step)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            now = time.perf_counter()
+            if step >= SKIP:
+                timed_images += cfg.data.batch_size
+                timed_seconds += now - last
+            last, step = now, step + 1
+            if step >= total:
+                break
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    create = {"model_name": cfg.backbone.name, "num_classes": 0, "in_chans": cfg.data.channels,
+              **OmegaConf.to_container(cfg.backbone.timm_kwargs, resolve=True)}
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(run_dir / "backbone.safetensors"),
+              metadata={"timm_create_model": json.dumps(create), "small_stem": json.dumps(bool(cfg.backbone.small_stem)),
+                        "method": cfg.method.name})
+    summary = {"method": cfg.method.name, "status": "completed" if all(map(math.isfinite, losses)) else "diverged",
+               "global_step": step, "images_per_sec": timed_images / timed_seconds if timed_seconds else None,
+               "wall_time_sec": time.time() - started, "final_loss": losses[-1] if losses else None,
+               "side": "lightly"}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+class _Transformed:
+    """A dataset of (PIL image, label) with lightly's multi-view transform applied."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        image, label = self.base[index]
+        return self.transform(image), label
+
+
+# ---------------------------------------------------------------------- both sides, the table
+
+def overrides(method: str, seed: int, steps, run_dir: Path, extra=()) -> list:
+    return [f"method={method}", f"seed={seed}", *COMMON, *([f"trainer.max_steps={steps}"] if steps else []),
+            *extra, f"hydra.run.dir={run_dir}"]
+
+
+def completed(run_dir: Path) -> bool:
+    return _read(run_dir / "summary.json").get("status") == "completed"
+
+
+def run_side(side: str, method: str, seed: int, steps, root: Path, extra=()) -> bool:
+    """Train one side (unless it completed before); whether it completed. Output: peers.out."""
+    run_dir = root / method / f"{side}_seed{seed}"
+    if completed(run_dir):
+        return True
+    args = overrides(method, seed, steps, run_dir, extra)
+    command = ([sys.executable, "-m", "sslrun", *args] if side == "sslrun" else
+               [sys.executable, str(Path(__file__).resolve()), "--lightly-run", *args])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{method} seed {seed}: {side}: {' '.join(command[1:])}", flush=True)
+    with open(run_dir / "peers.out", "w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if code or not completed(run_dir):
+        print(f"{method} seed {seed}: {side} failed (exit code {code}); see {run_dir / 'peers.out'}", flush=True)
+    return completed(run_dir)
+
+
+def evaluate(run_dir: Path) -> None:
+    """The shared evaluation, once per run directory (eval/knn.json)."""
+    if completed(run_dir) and not (run_dir / "eval" / "knn.json").is_file():
+        code = subprocess.run([sys.executable, "-m", "sslrun.evaluate", str(run_dir), "protocol=knn"], cwd=REPO,
+                              stdout=subprocess.DEVNULL).returncode
+        if code:
+            print(f"{run_dir}: sslrun.evaluate failed (exit code {code})", flush=True)
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def table(methods, seeds, root: Path) -> str:
+    from sslrun.benchmark import _mean_std, machine
+
+    lines = ["| method | sslrun images/s | lightly images/s | sslrun / lightly (pairs) | sslrun kNN top-1 | "
+             "lightly kNN top-1 | seeds | steps x batch |", "|---|---|---|---|---|---|---|---|"]
+    for method in methods:
+        rates, knn, ratios, steps = {s: [] for s in SIDES}, {s: [] for s in SIDES}, [], set()
+        for seed in seeds:
+            found = {s: _read(root / method / f"{s}_seed{seed}" / "summary.json") for s in SIDES}
+            for side in SIDES:
+                if found[side].get("images_per_sec"):
+                    rates[side].append(found[side]["images_per_sec"])
+                top1 = _read(root / method / f"{side}_seed{seed}" / "eval" / "knn.json").get("top1")
+                if top1 is not None:
+                    knn[side].append(top1)
+                steps.add(found[side].get("global_step"))
+            if all(found[s].get("images_per_sec") for s in SIDES):
+                ratios.append(found["sslrun"]["images_per_sec"] / found["lightly"]["images_per_sec"])
+        if not any(rates.values()):
+            continue
+        config = _read(root / method / "batch.json")
+        ratio = (f"{statistics.mean(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})" if ratios else "–")
+        lines.append(" | ".join([
+            f"| **{method}**", *(f"{statistics.mean(rates[s]):.0f}" if rates[s] else "–" for s in SIDES), ratio,
+            _mean_std(knn["sslrun"]), _mean_std(knn["lightly"]), str(len(ratios)),
+            f"{'/'.join(str(s) for s in sorted(x for x in steps if x))} x {config.get('batch', '?')} |"]))
+    header = (f"Written {datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by `python scripts/bench_peers.py "
+              f"{' '.join(sys.argv[1:])}` on {machine()}, lightly {_lightly_version()}. Each method's quick "
+              f"recipe (`python -m sslrun method=NAME {' '.join(COMMON)}`) and its lightly loop from the same "
+              f"config; kNN: `python -m sslrun.evaluate RUN_DIR protocol=knn` (k=20, whole training split as "
+              f"bank) on both; images/s: mean over seeds, the ratio per seed from runs trained one after the "
+              f"other (which side first alternates).")
+    return header + "\n\n" + "\n".join(lines)
+
+
+def _lightly_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lightly")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--lightly-run":
+        from sslrun.config import compose
+
+        args = sys.argv[2:]
+        cfg = compose([a for a in args if not a.startswith("hydra.run.dir=")])
+        run_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")))
+        train_lightly(cfg, run_dir)
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: each quick recipe's)")
+    parser.add_argument("--root", default=str(REPO / "benchmarks" / "peers"))
+    parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    parser.add_argument("--table", action="store_true", help="only rewrite the table from the run directories")
+    parser.add_argument("overrides", nargs="*", help="more sslrun overrides for both sides (data=mnist5k ...)")
+    options = parser.parse_args()
+    from sslrun.benchmark import write_results
+    from sslrun.config import compose
+
+    methods, seeds, root = options.methods.split(","), list(range(options.seeds)), Path(options.root)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        parser.error(f"--methods: {bad[0]} has no lightly counterpart here; choose from {', '.join(METHODS)}")
+    for method in methods if not options.table else []:
+        (root / method).mkdir(parents=True, exist_ok=True)
+        batch = compose([f"method={method}", *options.overrides]).data.batch_size
+        (root / method / "batch.json").write_text(json.dumps({"batch": batch}) + "\n")
+        for seed in seeds:
+            order = SIDES if seed % 2 == 0 else SIDES[::-1]
+            for side in order:
+                run_side(side, method, seed, options.steps, root, options.overrides)
+            for side in SIDES:
+                evaluate(root / method / f"{side}_seed{seed}")
+            write_results(Path(options.out), "peers", table(methods, seeds, root))
+    write_results(Path(options.out), "peers", table(methods, seeds, root))
+    print(f"table written to {options.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""sslrun against a peer library: its losses give lightly's numbers on the same inputs (an
+independent implementation of the same formulas), and sslrun itself never imports a peer
+(lightly is a benchmark-only extra, `make peers`, used by scripts/bench_peers.py)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+PEERS = {"lightly", "solo", "stable_pretraining", "vissl", "mmselfsup"}
+
+lightly_loss = pytest.importorskip("lightly.loss", reason="lightly is installed by `make peers` (make test does)")
+
+
+def test_sslrun_never_imports_a_peer_library():
+    imported = []
+    for path in sorted((REPO / "sslrun").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            imported += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in PEERS]
+    assert not imported
+
+
+@pytest.fixture
+def views():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(64, 32, generator=generator), torch.randn(64, 32, generator=generator)
+
+
+def test_nt_xent_equals_lightlys(views):
+    from sslrun.losses.nt_xent import nt_xent_loss
+
+    for temperature in (0.1, 0.5):
+        expected = lightly_loss.NTXentLoss(temperature=temperature)(*views)
+        torch.testing.assert_close(nt_xent_loss(*views, temperature), expected)
+
+
+def test_vicreg_equals_lightlys(views):
+    from sslrun.losses.vicreg import vicreg_loss
+
+    loss, _ = vicreg_loss(*views, invariance_weight=25.0, variance_weight=25.0, covariance_weight=1.0, eps=1e-4)
+    expected = lightly_loss.VICRegLoss(lambda_param=25.0, mu_param=25.0, nu_param=1.0, eps=1e-4)(*views)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_negative_cosine_similarity_equals_lightlys(views):
+    from sslrun.losses.cosine import negative_cosine_similarity
+
+    torch.testing.assert_close(negative_cosine_similarity(*views), lightly_loss.NegativeCosineSimilarity()(*views))
+
+
+def test_barlow_twins_equals_lightlys_up_to_the_variance_estimate(views):
+    """lightly standardises with the unbiased std, sslrun (as the paper's BatchNorm) with the
+    biased one plus eps: C differs by the factor (N - 1) / N, which the comparison undoes."""
+    from sslrun.losses.barlow_twins import barlow_twins_loss
+
+    n = views[0].shape[0]
+    ours = barlow_twins_loss(views[0], views[1], lambd=0.0051)
+    expected = lightly_loss.BarlowTwinsLoss(lambda_param=0.0051)(*views)
+    assert abs(ours.item() - expected.item()) / expected.item() < 2 / n  # the two estimators' gap
+
+
+def test_dino_loss_equals_lightlys():
+    """Two global and two local crops, a zero centre: the cross-entropy over every (teacher
+    global, other student crop) pair, averaged, as lightly's DINOLoss computes it."""
+    from sslrun.losses.dino import centered_teacher_probs, dino_loss
+
+    generator = torch.Generator().manual_seed(1)
+    teacher = [torch.randn(16, 40, generator=generator) for _ in range(2)]
+    student = [torch.randn(16, 40, generator=generator) for _ in range(4)]
+    center = torch.zeros(1, 40)
+    ours = dino_loss([s / 0.1 for s in student], [centered_teacher_probs(t, center, 0.04) for t in teacher])
+    peer = lightly_loss.DINOLoss(output_dim=40, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                                 warmup_teacher_temp_epochs=0, student_temp=0.1)
+    torch.testing.assert_close(ours, peer(teacher, student))
+
+
+def test_bench_peers_maps_each_sslrun_view_to_a_lightly_view():
+    """scripts/bench_peers.py hands sslrun's views to lightly's transforms: one lightly view per
+    sslrun view, each with the view's crop size and scale, flip, jitter, grey, blur and
+    solarisation probabilities and the data's mean and std; an image becomes as many tensors."""
+    import importlib.util
+
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from sslrun.config import compose
+
+    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "scripts" / "bench_peers.py")
+    bench_peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_peers)
+    image = Image.fromarray((torch.rand(28, 28) * 255).to(torch.uint8).numpy(), mode="L")
+    for method in ("simclr", "byol", "dino"):
+        cfg = compose([f"method={method}"])
+        views = [view for view in cfg.augmentation.views for _ in range(view.count)]
+        transform = bench_peers.lightly_views(cfg)
+        assert [tuple(t.shape) for t in transform(image)] == [(1, v.size, v.size) for v in views], method
+        for view, lightly_view in zip(views, transform.transforms):
+            steps = {type(step).__name__: step for step in lightly_view.transform.transforms}
+            crop, jitter = steps["RandomResizedCrop"], steps["RandomApply"]
+            assert crop.size == [view.size, view.size] or tuple(crop.size) == (view.size, view.size), method
+            assert tuple(crop.scale) == pytest.approx(tuple(view.scale)), method
+            assert steps["RandomHorizontalFlip"].p == view.flip_p and jitter.p == view.color_jitter.p
+            assert jitter.transforms[0].brightness == pytest.approx((1 - view.color_jitter.brightness,
+                                                                      1 + view.color_jitter.brightness))
+            assert steps["RandomGrayscale"].p == view.grayscale_p
+            assert steps["GaussianBlur"].prob == view.blur_p and steps["RandomSolarization"].prob == view.solarize_p
+            normalize = steps["Normalize"]
+            assert isinstance(normalize, v2.Normalize) or hasattr(normalize, "mean")
+            assert list(normalize.mean) == list(cfg.data.mean) and list(normalize.std) == list(cfg.data.std)
