@@ -223,7 +223,7 @@ def build_optimizer(cfg, groups):
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, nesterov=o.nesterov)
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), eps=o.eps)
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), eps=o.eps, fused=bool(o.get("fused", False)))
     raise SystemExit(f"optimizer.name={o.name}: not mapped to a lightly run")
 
 
