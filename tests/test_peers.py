@@ -12,7 +12,6 @@ from tests.conftest import REPO
 
 PEERS = {"lightly", "solo", "stable_pretraining", "vissl", "mmselfsup"}
 
-lightly_loss = pytest.importorskip("lightly.loss", reason="lightly is installed by `make peers` (make test does)")
 
 
 def test_sslrun_never_imports_a_peer_library():
@@ -26,12 +25,17 @@ def test_sslrun_never_imports_a_peer_library():
 
 
 @pytest.fixture
+def lightly_loss():
+    return pytest.importorskip("lightly.loss", reason="lightly is installed by `make peers` (make test does)")
+
+
+@pytest.fixture
 def views():
     generator = torch.Generator().manual_seed(0)
     return torch.randn(64, 32, generator=generator), torch.randn(64, 32, generator=generator)
 
 
-def test_nt_xent_equals_lightlys(views):
+def test_nt_xent_equals_lightlys(views, lightly_loss):
     from sslrun.losses.nt_xent import nt_xent_loss
 
     for temperature in (0.1, 0.5):
@@ -39,7 +43,7 @@ def test_nt_xent_equals_lightlys(views):
         torch.testing.assert_close(nt_xent_loss(*views, temperature), expected)
 
 
-def test_vicreg_equals_lightlys(views):
+def test_vicreg_equals_lightlys(views, lightly_loss):
     from sslrun.losses.vicreg import vicreg_loss
 
     loss, _ = vicreg_loss(*views, invariance_weight=25.0, variance_weight=25.0, covariance_weight=1.0, eps=1e-4)
@@ -47,13 +51,13 @@ def test_vicreg_equals_lightlys(views):
     torch.testing.assert_close(loss, expected)
 
 
-def test_negative_cosine_similarity_equals_lightlys(views):
+def test_negative_cosine_similarity_equals_lightlys(views, lightly_loss):
     from sslrun.losses.cosine import negative_cosine_similarity
 
     torch.testing.assert_close(negative_cosine_similarity(*views), lightly_loss.NegativeCosineSimilarity()(*views))
 
 
-def test_barlow_twins_equals_lightlys_up_to_the_variance_estimate(views):
+def test_barlow_twins_equals_lightlys_up_to_the_variance_estimate(views, lightly_loss):
     """lightly standardises with the unbiased std, sslrun (as the paper's BatchNorm) with the
     biased one plus eps: C differs by the factor (N - 1) / N, which the comparison undoes."""
     from sslrun.losses.barlow_twins import barlow_twins_loss
@@ -64,7 +68,7 @@ def test_barlow_twins_equals_lightlys_up_to_the_variance_estimate(views):
     assert abs(ours.item() - expected.item()) / expected.item() < 2 / n  # the two estimators' gap
 
 
-def test_dino_loss_equals_lightlys():
+def test_dino_loss_equals_lightlys(lightly_loss):
     """Two global and two local crops, a zero centre: the cross-entropy over every (teacher
     global, other student crop) pair, averaged, as lightly's DINOLoss computes it."""
     from sslrun.losses.dino import centered_teacher_probs, dino_loss
@@ -79,7 +83,7 @@ def test_dino_loss_equals_lightlys():
     torch.testing.assert_close(ours, peer(teacher, student))
 
 
-def test_bench_peers_maps_each_sslrun_view_to_a_lightly_view():
+def test_bench_peers_maps_each_sslrun_view_to_a_lightly_view(lightly_loss):
     """scripts/bench_peers.py hands sslrun's views to lightly's transforms: one lightly view per
     sslrun view, each with the view's crop size and scale, flip, jitter, grey, blur and
     solarisation probabilities and the data's mean and std; an image becomes as many tensors."""
