@@ -3,7 +3,6 @@ independent implementation of the same formulas), and sslrun itself never import
 (lightly is a benchmark-only extra, `make peers`, used by scripts/bench_peers.py)."""
 
 import ast
-from pathlib import Path
 
 import pytest
 import torch
