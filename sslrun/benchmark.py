@@ -334,16 +334,17 @@ def recorded(cfg: DictConfig, run: PlannedRun) -> Optional[Path]:
     """The run's record directory when it holds the run finished (completed with every protocol
     of the suite, or diverged); None otherwise. A record of another command is an error."""
     target = record_dir(cfg, run)
-    found = read_json(target / "summary.json") if target is not None else None
+    kept = RunDir(target) if target is not None else None  # a record has a run directory's layout
+    found = read_json(kept.summary) if kept is not None else None
     if found is None:
         return None
-    written = read_json(target / "benchmark.json") or {}
+    written = read_json(kept.benchmark_record) or {}
     if not same_command(written.get("command"), run):
         raise BenchmarkError(
             f"{target} records a run of `python -m sslrun {' '.join(written.get('command') or [])}`, not this "
             f"suite's `python -m sslrun {' '.join(run.overrides)}`: give another records= (or remove that directory)")
     finished = found.get("status") == "diverged" or (found.get("status") == "completed" and all(
-        (target / "eval" / f"{p}.json").is_file() for p in cfg.suite.protocols))
+        kept.eval_result(p).is_file() for p in cfg.suite.protocols))
     return target if finished else None
 
 
