@@ -68,6 +68,8 @@ PROTOCOLS = {"knn": "kNN", "linear": "linear", "finetune": "fine-tune"}  # the o
 FINAL_STATUSES = ("completed", "diverged")  # training again would give the same: not retrained
 SEED = "$S"  # the seed in the table's commands: `for S in 0 1 2; do <command>; done`
 _RUN_DIR_OF = re.compile(r"\{run_dir:([\w.-]+)\}")
+LOAD_SAMPLE_SEC = 10  # how often train() reads the machine's load average
+SHARED_LOAD = 1.5  # mean load above this x cores: something else ran beside the run
 _SUITE_KEYS = {"name", "about", "train", "methods", "protocols"}
 
 log = logging.getLogger("sslrun.benchmark")
@@ -372,6 +374,10 @@ def restore_records(cfg: DictConfig, runs: List[PlannedRun], targets: Dict[Path,
 
 # ---------------------------------------------------------------------- running
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def machine() -> str:
     """CPU model, cores this process may use, torch and the GPU: where a run's numbers come from."""
     import torch
@@ -383,7 +389,7 @@ def machine() -> str:
         cpu = models[0] if models else cpu
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     gpu = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
            if torch.cuda.is_available() else "no GPU")
     return f"{cpu}, {cores} CPU cores, {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
@@ -422,16 +428,24 @@ def check_same_command(run: PlannedRun) -> None:
 
 def train(run: PlannedRun) -> int:
     """`python -m sslrun ...` for the run in a process of its own (output in benchmark.out); its
-    exit code. Stopping the benchmark stops it (training writes its summary and checkpoint)."""
+    exit code. Stopping the benchmark stops it (training writes its summary and checkpoint).
+    The machine's mean 1-minute load over the run is recorded: a run that shared the machine
+    with other work is marked in the table (its images/s and wall time understate it)."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    values = {"command": run.overrides, "machine": machine(),
+    values = {"command": run.overrides, "machine": machine(), "cores": usable_cores(),
               "started": datetime.now().astimezone().isoformat(timespec="seconds"), "exit_code": None}
     _write_record(run, values)
+    loads = []
     with open(run.layout.benchmark_output, "ab") as output:
         process = subprocess.Popen([sys.executable, "-m", "sslrun", *run.overrides], stdout=output,
                                    stderr=subprocess.STDOUT)
         try:
-            code = process.wait()
+            while True:
+                try:
+                    code = process.wait(timeout=LOAD_SAMPLE_SEC)
+                    break
+                except subprocess.TimeoutExpired:
+                    loads.append(os.getloadavg()[0])
         except BaseException:  # Ctrl-C (the child got it too) or SIGTERM: let it write its summary
             process.send_signal(signal.SIGINT)
             try:
@@ -439,9 +453,19 @@ def train(run: PlannedRun) -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
             raise
-    values.update(exit_code=code, finished=datetime.now().astimezone().isoformat(timespec="seconds"))
+    values.update(exit_code=code, finished=datetime.now().astimezone().isoformat(timespec="seconds"),
+                  load_average=round(sum(loads) / len(loads), 2) if loads else None)
     _write_record(run, values)
     return code
+
+
+def shared_machine(written: Optional[dict]) -> Optional[str]:
+    """'load 4.1 on 2 cores' where the run's mean load exceeded SHARED_LOAD x its cores (a training
+    run alone keeps it near the cores it uses), else None."""
+    load, cores = (written or {}).get("load_average"), (written or {}).get("cores")
+    if load is None or not cores or load <= SHARED_LOAD * cores:
+        return None
+    return f"load {load:.1f} on {cores} cores"
 
 
 def evaluate(cfg: DictConfig, run: PlannedRun) -> None:
@@ -526,19 +550,23 @@ class MethodResults:
     summaries: List[dict]  # of the runs that give numbers
     evals: List[Dict[str, dict]]  # protocol -> eval/<protocol>.json, same order
     problems: List[tuple]  # (seed, status) of the runs that give none
+    shared: List[tuple]  # (seed, 'load 4.1 on 2 cores') of the runs with numbers that shared the machine
 
     @classmethod
     def read(cls, cfg: DictConfig, method: str, runs: List[PlannedRun]) -> "MethodResults":
-        summaries, evals, problems = [], [], []
+        summaries, evals, problems, shared = [], [], [], []
         for run in runs:
             problem = status(cfg, run)
             found = summary(run)
             if found is not None and found.get("status") == "completed":
                 summaries.append(found)
                 evals.append({p: read_json(run.layout.eval_result(p)) or {} for p in cfg.suite.protocols})
+                load = shared_machine(record(run))
+                if load:
+                    shared.append((run.seed, load))
             if problem:
                 problems.append((run.seed, problem))
-        return cls(method, runs, summaries, evals, problems)
+        return cls(method, runs, summaries, evals, problems, shared)
 
     def protocol(self, name: str, key: str = "top1") -> List[float]:
         return _numbers([e.get(name, {}).get(key) for e in self.evals])
@@ -559,6 +587,15 @@ def _seeds_cell(results: MethodResults) -> str:
     if not results.problems:
         return str(total)
     return f"{done} of {total}; " + "; ".join(f"seed {s}: {p.split(':')[0]}" for s, p in results.problems)
+
+
+def _rate_cell(rate: Optional[float], shared: List[tuple]) -> str:
+    """'157', or '66 (shared machine: seed 0 load 4.1 on 2 cores)': a lower bound then."""
+    if rate is None:
+        return "–"
+    if not shared:
+        return f"{rate:.0f}"
+    return f"{rate:.0f} (shared machine: " + "; ".join(f"seed {s} {load}" for s, load in shared) + ")"
 
 
 def table(cfg: DictConfig, runs: List[PlannedRun]) -> str:
@@ -585,7 +622,7 @@ def table(cfg: DictConfig, runs: List[PlannedRun]) -> str:
         if zero_shot:
             cells.append(_mean_std(r.online("zero_shot_top1")))
         cells += [f"{_duration(train_time)} + {_duration(eval_time or 0)}" if train_time is not None else "–",
-                  f"{rate:.0f}" if rate is not None else "–", _seeds_cell(r),
+                  _rate_cell(rate, r.shared), _seeds_cell(r),
                   f"`{command_template(cfg, r.method)}`"]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     notes = [f"- {r.method} seed {seed}: {problem}" for r in results for seed, problem in r.problems]
@@ -637,7 +674,9 @@ def section(cfg: DictConfig, runs: List[PlannedRun], invocation: str) -> str:
         "(the kNN protocol's JSON has the other k); raw-pixel and random-init kNN from the kNN protocol "
         "where it reports them, else from the run's online evaluation (summary.json); wall time: "
         "training (its online evaluation included) + the offline protocols, mean per run; images/s: "
-        "training throughput.", "",
+        f"training throughput, marked 'shared machine' where the machine's mean 1-minute load during "
+        f"training was above {SHARED_LOAD:g} x its cores (something else ran beside it: its wall time "
+        f"and images/s understate it; runs recorded before 2026-12-02 18:30 UTC have no load).", "",
         table(cfg, runs),
     ]
     return "\n".join(lines)

@@ -42,7 +42,7 @@ def tiny_args(tmp_path, suite_dir, *extra):
 
 
 def finish(run, knn=None, linear=None, status="completed", reason=None, wall=100.0, rate=250.0,
-           pixels=0.825, random_init=0.2):
+           pixels=0.825, random_init=0.2, load=2.1):
     """A run directory as the benchmark leaves it: benchmark.json with the planned command,
     summary.json, and the protocols' JSONs (those given)."""
     layout = run.layout
@@ -50,7 +50,8 @@ def finish(run, knn=None, linear=None, status="completed", reason=None, wall=100
     (layout.root / ".hydra").mkdir(exist_ok=True)
     layout.benchmark_record.write_text(json.dumps({
         "command": run.overrides, "machine": "Test CPU, 2 CPU cores, no GPU, torch 2.14.1",
-        "started": "2026-11-27T10:00:00+00:00", "exit_code": 0 if status == "completed" else 1}))
+        "started": "2026-11-27T10:00:00+00:00", "exit_code": 0 if status == "completed" else 1,
+        "cores": 2, "load_average": load}))
     layout.summary.write_text(json.dumps({
         "method": run.method, "status": status, "reason": reason, "knn_top1": 0.5,
         "knn_top1_pixels": pixels, "knn_top1_random_init": random_init,
@@ -155,6 +156,33 @@ def test_table_gives_mean_and_std_over_seeds_from_the_runs_files(tmp_path, suite
     assert "## Suite `tiny`: two cheap methods, 3 steps" in markdown
     assert "trainer.max_steps=3" in markdown and "method.predictor_mlp.out_dim=64" in markdown
     assert '{"k": 20, "protocol": "linear"}' in markdown  # each protocol's settings, from its JSON
+
+
+def test_a_run_that_shared_the_machine_is_marked(tmp_path, suite_dir):
+    """A mean load above 1.5 x the cores (3 on 2) marks the images/s cell with the seed and load;
+    load at the run's own cores, or no load recorded, leaves it plain."""
+    args = tiny_args(tmp_path, suite_dir, "seeds=3", "methods=[simclr,byol]", "mode=table")
+    for run in plan(compose_benchmark(args)):
+        load = {("simclr", 1): 4.12, ("simclr", 2): 3.0, ("byol", 0): None}.get((run.method, run.seed), 2.2)
+        finish(run, 0.6, 0.5, rate=200.0, load=load)
+    assert main(args) == 0
+    rows = table_rows((tmp_path / "results.md").read_text())
+    assert rows["simclr"]["images/s"] == "200 (shared machine: seed 1 load 4.1 on 2 cores)"
+    assert rows["byol"]["images/s"] == "200"
+
+
+def test_train_records_the_machine_load_over_the_run(tmp_path, suite_dir, monkeypatch):
+    """benchmark.json gets the mean of the load samples taken while the training process ran."""
+    args = tiny_args(tmp_path, suite_dir, "methods=[simclr]")
+    run = plan(compose_benchmark(args))[0]
+    monkeypatch.setattr(benchmark, "LOAD_SAMPLE_SEC", 0.05)
+    samples = iter([1.0, 3.0, 5.0] + [5.0] * 1000)
+    monkeypatch.setattr(benchmark.os, "getloadavg", lambda: (next(samples), 0.0, 0.0))
+    monkeypatch.setattr(run, "overrides", ["--cfg", "job"])  # a real child process that ends quickly
+    assert benchmark.train(run) == 0
+    written = json.loads(run.layout.benchmark_record.read_text())
+    assert written["cores"] == benchmark.usable_cores() and written["exit_code"] == 0
+    assert written["load_average"] >= 3.0  # the mean of at least the first three samples
 
 
 def test_failed_killed_and_diverged_runs_show_their_status(tmp_path, suite_dir):
