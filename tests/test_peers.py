@@ -115,3 +115,20 @@ def test_bench_peers_maps_each_sslrun_view_to_a_lightly_view(lightly_loss):
             normalize = steps["Normalize"]
             assert isinstance(normalize, v2.Normalize) or hasattr(normalize, "mean")
             assert list(normalize.mean) == list(cfg.data.mean) and list(normalize.std) == list(cfg.data.std)
+
+
+def test_nearest_neighbour_support_set_equals_lightlys():
+    """NNCLR's NN(z, Q): the Queue's nearest rows are those lightly's NNMemoryBankModule returns
+    from the same bank. (lightly's NNCLR example then applies NT-Xent, 2N - 1 candidates per
+    anchor; sslrun follows the paper's eq. 2, the N predictions of the other view:
+    tests/losses/test_losses.py.)"""
+    modules = pytest.importorskip("lightly.models.modules", reason="lightly is installed by `make peers`")
+    from sslrun.models.queue import Queue
+
+    generator = torch.Generator().manual_seed(3)
+    queue = Queue(50, 16)
+    queue.push(torch.nn.functional.normalize(torch.randn(50, 16, generator=generator), dim=1))
+    peer = modules.NNMemoryBankModule(size=(50, 16))
+    peer.bank = queue.rows.clone()  # lightly's layout: (size, dim), as its _init_memory_bank makes it
+    queries = torch.randn(20, 16, generator=generator)
+    torch.testing.assert_close(queue.nearest(queries), peer(queries, update=False))

@@ -29,7 +29,13 @@ def infonce_batch_loss(q: torch.Tensor, k_all: torch.Tensor, temperature: float,
     whole batch gathered over processes, in which this process's rows start at `offset`. The 2T
     factor makes the gradient's scale independent of T, as in the reference code.
     """
+    return 2 * temperature * in_batch_cross_entropy(q, k_all, temperature, offset)
+
+
+def in_batch_cross_entropy(q: torch.Tensor, k_all: torch.Tensor, temperature: float, offset: int = 0) -> torch.Tensor:
+    """-log[ exp(q_i.k_i / T) / sum_j exp(q_i.k_j / T) ] averaged over the local rows i, with q and
+    k l2-normalised; q_i's positive is row offset + i of the gathered k_all."""
     q, k_all = F.normalize(q, dim=1), F.normalize(k_all, dim=1)
     logits = q @ k_all.T / temperature
     labels = torch.arange(q.shape[0], device=q.device) + offset
-    return 2 * temperature * F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels)

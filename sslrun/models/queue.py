@@ -1,5 +1,5 @@
-"""A first-in first-out queue of embeddings: MoCo's negatives, and what NNCLR's support set and
-SwAV's feature queue need."""
+"""A first-in first-out queue of embeddings: MoCo's negatives, NNCLR's support set, and what
+SwAV's feature queue needs."""
 
 import torch
 import torch.nn as nn
@@ -28,3 +28,9 @@ class Queue(nn.Module):
         slots = (self.position + torch.arange(rows.shape[0], device=rows.device)) % len(self)
         self.rows[slots] = rows.to(self.rows.dtype)
         self.position.copy_((self.position + rows.shape[0]) % len(self))
+
+    @torch.no_grad()
+    def nearest(self, queries: torch.Tensor) -> torch.Tensor:
+        """Each query's nearest row by cosine similarity [B, D] (NNCLR's NN(z, Q)); no gradient."""
+        rows = F.normalize(self.rows, dim=1)
+        return rows[(F.normalize(queries.to(rows.dtype), dim=1) @ rows.T).argmax(dim=1)]

@@ -56,7 +56,7 @@ def test_nt_xent_is_scale_invariant_and_symmetric():
 
 # ------------------------------------------------------------------ the method family's losses
 from sslrun.losses import (  # noqa: E402
-    barlow_twins_loss, byol_loss, infonce_batch_loss, infonce_queue_loss, negative_cosine_similarity, vicreg_loss,
+    barlow_twins_loss, byol_loss, infonce_batch_loss, infonce_queue_loss, negative_cosine_similarity, nnclr_loss, vicreg_loss,
 )
 
 
@@ -160,3 +160,22 @@ def test_vicreg_terms_by_hand():
     assert math.isclose(terms["covariance"].item(), c1 + c2, rel_tol=1e-9)
     assert math.isclose(loss.item(), 25 * invariance + 25 * (v1 + v2) / 2 + (c1 + c2), rel_tol=1e-9)
     assert v2 < v1  # the wide embedding (std 2) pays no hinge on most dimensions; the narrow one does
+
+
+def test_nnclr_loss_by_hand_with_offset():
+    """Eq. 2 of NNCLR written out: anchor NN(z_i), positive the other view's prediction p+_i,
+    candidates every p+_k of the global batch; the two directions averaged."""
+    torch.manual_seed(6)
+    nn1, nn2 = torch.randn(3, 4).double(), torch.randn(3, 4).double()
+    p1_all, p2_all = torch.randn(6, 4).double(), torch.randn(6, 4).double()
+    t, offset = 0.1, 3
+
+    def direction(nn, p_all):
+        total = 0.0
+        for i in range(3):
+            logits = [cos(nn[i], p) / t for p in p_all]
+            total += -math.log(math.exp(logits[offset + i]) / sum(math.exp(x) for x in logits))
+        return total / 3
+
+    expected = (direction(nn1, p2_all) + direction(nn2, p1_all)) / 2
+    assert math.isclose(nnclr_loss(nn1, nn2, p1_all, p2_all, t, offset).item(), expected, rel_tol=1e-9)

@@ -22,9 +22,9 @@ def tiny_cfg(name: str, *extra: str):
                  "method.projector.out_dim=16", *extra]
     if not any(o.startswith("backbone") for o in extra):
         overrides.append("backbone.timm_kwargs={channels:[8,16,16,32]}")
-    if name in ("mocov3", "byol", "simsiam"):
+    if name in ("mocov3", "byol", "simsiam", "nnclr"):
         overrides += ["method.predictor_mlp.hidden_dim=24", "method.predictor_mlp.out_dim=16"]
-    if name == "mocov2":
+    if name in ("mocov2", "nnclr"):
         overrides += ["method.queue_size=40"]
     return compose(overrides)
 
@@ -72,6 +72,36 @@ def test_mocov2_queue_takes_each_steps_keys_and_travels_in_checkpoints():
     older.on_load_checkpoint(checkpoint)  # Lightning calls it before loading the state
     older.load_state_dict(checkpoint["state_dict"])
     assert torch.equal(older.queue.rows, method.queue.rows) and int(older.queue.position) == BATCH
+
+
+def test_nnclr_contrasts_nearest_neighbours_and_keeps_view_one_in_its_support_set():
+    """Each view's positive is the support row most similar to its projection (checked by brute
+    force against every row); the loss is NNCLR's formula on those rows and the predictions; the
+    step then pushes view 1's normalised projections, which travel in checkpoints."""
+    from sslrun.losses import nnclr_loss
+
+    method = tiny_method("nnclr")
+    method.support.push(torch.nn.functional.normalize(torch.randn(40, 16), dim=1))
+    support = method.support.rows.clone()
+    v = views()
+    out = method.training_loss({"views": v})
+    out.loss.backward()
+
+    z1, z2 = method.projector(method.backbone(torch.cat(v))).chunk(2)
+    p1, p2 = method.predictor(torch.cat([z1, z2])).chunk(2)
+    nearest = []
+    for z in (z1, z2):
+        similarity = torch.nn.functional.cosine_similarity(z.detach()[:, None], support[None], dim=2)
+        nearest.append(support[similarity.argmax(dim=1)])
+    torch.testing.assert_close(out.loss, nnclr_loss(*nearest, p1, p2, method.temperature))
+    assert out.metrics["nn_similarity"] > 0  # the chosen rows are the most similar of 40 random ones
+    assert not method.support.rows.requires_grad
+    assert torch.allclose(method.support.rows[:BATCH], torch.nn.functional.normalize(z1.detach(), dim=1), atol=1e-6)
+    assert torch.equal(method.support.rows[BATCH:], support[BATCH:]) and int(method.support.position) == BATCH
+    assert all(p.grad is not None for p in method.backbone.parameters())
+    fresh = tiny_method("nnclr", "seed=1")
+    fresh.load_state_dict(method.state_dict())
+    assert torch.equal(fresh.support.rows, method.support.rows) and int(fresh.support.position) == BATCH
 
 
 @pytest.mark.parametrize("name", ["mocov2", "mocov3", "byol"])
