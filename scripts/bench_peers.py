@@ -41,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-METHODS = ["simclr", "mocov2", "byol", "simsiam", "barlow_twins", "vicreg", "dino"]  # what lightly ships
+METHODS = ["simclr", "mocov2", "byol", "simsiam", "barlow_twins", "vicreg", "nnclr", "dino"]  # what lightly ships
 SIDES = ("sslrun", "lightly")
 # Added to both sides: no evaluation while training (the shared one comes after), no pictures.
 COMMON = ["eval.enabled=false", "eval.pictures=0", "trainer.progress_bar=false"]
@@ -130,6 +130,12 @@ class LightlyMethod:
             self.criterion = (losses.BarlowTwinsLoss(lambda_param=m.lambd) if name == "barlow_twins" else
                               losses.VICRegLoss(lambda_param=m.invariance_weight, mu_param=m.variance_weight,
                                                 nu_param=m.covariance_weight, eps=m.eps))
+        elif name == "nnclr":  # lightly's example: NT-Xent of (neighbour, other view's prediction)
+            self.head = heads.NNCLRProjectionHead(features, hidden(m.projector), m.projector.out_dim)
+            self.predictor = heads.NNCLRPredictionHead(m.projector.out_dim, m.predictor_mlp.hidden_dim,
+                                                       m.predictor_mlp.out_dim)
+            self.support = heads.NNMemoryBankModule(size=(m.queue_size, m.projector.out_dim))
+            self.criterion = losses.NTXentLoss(temperature=m.temperature)
         elif name == "dino":
             h = m.head
             freeze_steps = round(m.freeze_last_layer_epochs * steps_per_epoch)  # lightly counts "epochs": steps here
@@ -182,6 +188,11 @@ class LightlyMethod:
                 with torch.no_grad():
                     z = [self.target_head(self.target_backbone(v)) for v in views]
             return 0.5 * (self.criterion(p[0], z[1].detach()) + self.criterion(p[1], z[0].detach()))
+        if name == "nnclr":
+            z = [self.head(b(v)) for v in views]
+            p = [self.predictor(zi) for zi in z]
+            neighbours = [self.support(z[0].detach(), update=False), self.support(z[1].detach(), update=True)]
+            return 0.5 * (self.criterion(neighbours[0], p[1]) + self.criterion(neighbours[1], p[0]))
         if name == "dino":
             with torch.no_grad():
                 teacher = [self.teacher_head(self.teacher_backbone(v)) for v in views[:self.global_crops]]

@@ -521,15 +521,15 @@ def execute(cfg: DictConfig, run: PlannedRun) -> None:
 
 # ---------------------------------------------------------------------- the table
 
-def _mean_std(values: List[float]) -> str:
+def _mean_std(values: List[float], digits: int = 3) -> str:
     """'0.763 ± 0.004' (sample standard deviation over seeds), '0.763' for one seed, '–' for none."""
     if not values:
         return "–"
     mean = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean:.3f}"
+        return f"{mean:.{digits}f}"
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _numbers(items: List[Optional[float]]) -> List[float]:
@@ -589,13 +589,13 @@ def _seeds_cell(results: MethodResults) -> str:
     return f"{done} of {total}; " + "; ".join(f"seed {s}: {p.split(':')[0]}" for s, p in results.problems)
 
 
-def _rate_cell(rate: Optional[float], shared: List[tuple]) -> str:
-    """'157', or '66 (shared machine: seed 0 load 4.1 on 2 cores)': a lower bound then."""
-    if rate is None:
-        return "–"
-    if not shared:
-        return f"{rate:.0f}"
-    return f"{rate:.0f} (shared machine: " + "; ".join(f"seed {s} {load}" for s, load in shared) + ")"
+def _rate_cell(rates: List[float], shared: List[tuple]) -> str:
+    """'157 ± 40' over the seeds, with '(shared machine: seed 0 load 4.1 on 2 cores)' where a run
+    shared the machine (a lower bound then)."""
+    cell = _mean_std(rates, digits=0)
+    if not shared or not rates:
+        return cell
+    return f"{cell} (shared machine: " + "; ".join(f"seed {s} {load}" for s, load in shared) + ")"
 
 
 def table(cfg: DictConfig, runs: List[PlannedRun]) -> str:
@@ -616,13 +616,12 @@ def table(cfg: DictConfig, runs: List[PlannedRun]) -> str:
         train_time = _mean(r.online("wall_time_sec"))
         eval_time = _mean(_numbers([sum(_numbers([e.get(p, {}).get("wall_time_sec") for p in protocols]))
                                     for e in r.evals]))
-        rate = _mean(r.online("images_per_sec"))
         cells = [f"**{r.method}**", *[_mean_std(r.protocol(p)) for p in protocols],
                  _mean_std(r.baseline("pixels")), _mean_std(r.baseline("random_init"))]
         if zero_shot:
             cells.append(_mean_std(r.online("zero_shot_top1")))
         cells += [f"{_duration(train_time)} + {_duration(eval_time or 0)}" if train_time is not None else "–",
-                  _rate_cell(rate, r.shared), _seeds_cell(r),
+                  _rate_cell(r.online("images_per_sec"), r.shared), _seeds_cell(r),
                   f"`{command_template(cfg, r.method)}`"]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     notes = [f"- {r.method} seed {seed}: {problem}" for r in results for seed, problem in r.problems]
@@ -676,7 +675,9 @@ def section(cfg: DictConfig, runs: List[PlannedRun], invocation: str) -> str:
         "training (its online evaluation included) + the offline protocols, mean per run; images/s: "
         f"training throughput, marked 'shared machine' where the machine's mean 1-minute load during "
         f"training was above {SHARED_LOAD:g} x its cores (something else ran beside it: its wall time "
-        f"and images/s understate it; runs recorded before 2026-12-02 18:30 UTC have no load).", "",
+        f"and images/s understate it; runs recorded before 2026-12-02 18:30 UTC have no load). Machines "
+        f"of one description differ in speed by up to 2x between sessions, so seeds trained on different "
+        f"days spread images/s: compare speeds within one session (scripts/bench_peers.py).", "",
         table(cfg, runs),
     ]
     return "\n".join(lines)

@@ -145,7 +145,8 @@ def test_table_gives_mean_and_std_over_seeds_from_the_runs_files(tmp_path, suite
         assert row["linear top-1"] == mean_std(linear)
         assert row["kNN random init"] == mean_std([s["knn_top1_random_init"] for s in summaries])
         assert row["kNN raw pixels"] == "0.825 ± 0.000"
-        assert row["images/s"] == f"{statistics.mean(s['images_per_sec'] for s in summaries):.0f}"
+        rates = [s["images_per_sec"] for s in summaries]
+        assert row["images/s"] == f"{statistics.mean(rates):.0f} ± {statistics.stdev(rates):.0f}"
         assert row["wall time (train + eval)"] == "1m 50s + 20s"  # mean of 100, 110, 120 s; 2 x 10 s
         assert row["seeds"] == "3"
         command = row["command (S = seed)"].strip("`")
@@ -167,8 +168,8 @@ def test_a_run_that_shared_the_machine_is_marked(tmp_path, suite_dir):
         finish(run, 0.6, 0.5, rate=200.0, load=load)
     assert main(args) == 0
     rows = table_rows((tmp_path / "results.md").read_text())
-    assert rows["simclr"]["images/s"] == "200 (shared machine: seed 1 load 4.1 on 2 cores)"
-    assert rows["byol"]["images/s"] == "200"
+    assert rows["simclr"]["images/s"] == "200 ± 0 (shared machine: seed 1 load 4.1 on 2 cores)"
+    assert rows["byol"]["images/s"] == "200 ± 0"
 
 
 def test_train_records_the_machine_load_over_the_run(tmp_path, suite_dir, monkeypatch):
@@ -350,6 +351,7 @@ def test_mean_std_formatting():
     assert benchmark._mean_std([]) == "–"
     assert benchmark._mean_std([0.7634]) == "0.763"
     assert benchmark._mean_std([0.5, 0.7]) == f"0.600 ± {math.sqrt(0.02):.3f}"
+    assert benchmark._mean_std([150.0, 210.0], digits=0) == f"180 ± {math.sqrt(1800):.0f}"
 
 
 @pytest.mark.slow
