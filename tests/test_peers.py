@@ -132,3 +132,19 @@ def test_nearest_neighbour_support_set_equals_lightlys():
     peer.bank = queue.rows.clone()  # lightly's layout: (size, dim), as its _init_memory_bank makes it
     queries = torch.randn(20, 16, generator=generator)
     torch.testing.assert_close(queue.nearest(queries), peer(queries, update=False))
+
+
+@pytest.mark.parametrize("queued", [0, 48])
+def test_swav_codes_and_loss_equal_lightlys(lightly_loss, queued):
+    """Two global and four local crops' prototype scores (and a queue of earlier scores per global
+    crop): sslrun's Sinkhorn-Knopp codes and swapped prediction give lightly's SwaVLoss."""
+    from sslrun.losses import sinkhorn_knopp, swav_loss
+
+    generator = torch.Generator().manual_seed(4)
+    scores = [torch.randn(16, 30, generator=generator) * 0.3 for _ in range(6)]
+    queue = [torch.randn(queued, 30, generator=generator) * 0.3 for _ in range(2)] if queued else None
+    codes = [sinkhorn_knopp(torch.cat([queue[t], scores[t]]) if queued else scores[t], 0.05, 3)[-16:]
+             for t in range(2)]
+    peer = lightly_loss.SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)
+    expected = peer(scores[:2], scores[2:], queue)
+    torch.testing.assert_close(swav_loss(scores, codes, 0.1), expected.squeeze(), rtol=1e-5, atol=1e-6)

@@ -14,10 +14,11 @@ from sslrun.losses.dino import (
 from sslrun.losses.infonce import infonce_batch_loss, infonce_queue_loss
 from sslrun.losses.nnclr import nnclr_loss
 from sslrun.losses.nt_xent import nt_xent_loss
+from sslrun.losses.swav import swav_loss
 from sslrun.losses.vicreg import vicreg_loss
 
 __all__ = [
     "barlow_twins_loss", "clip_loss", "siglip_loss", "byol_loss", "centered_teacher_probs", "dino_loss", "entropy", "ibot_patch_loss",
     "koleo_loss", "mean_over_batch", "sinkhorn_knopp", "update_center", "infonce_batch_loss", "infonce_queue_loss", "negative_cosine_similarity",
-    "nnclr_loss", "nt_xent_loss", "vicreg_loss",
+    "nnclr_loss", "nt_xent_loss", "swav_loss", "vicreg_loss",
 ]

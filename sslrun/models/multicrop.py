@@ -27,3 +27,13 @@ def forward_by_resolution(backbone: nn.Module, crops: Sequence[torch.Tensor]) ->
     for start, end in same_size_runs(crops):
         outputs.extend(backbone(torch.cat(crops[start:end])).chunk(end - start))
     return outputs
+
+
+def crop_features(backbone: nn.Module, crops: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Pooled features [B, D] per crop from any backbone: a ViT set up for packing runs every crop
+    in one packed sequence (its class tokens), any other backbone one batch per crop size."""
+    if hasattr(backbone, "block_diagonal_attention"):
+        from sslrun.models.vit import class_tokens, packed_forward
+
+        return [class_tokens(tokens) for tokens in packed_forward(backbone, crops)]
+    return forward_by_resolution(backbone, crops)

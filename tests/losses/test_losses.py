@@ -179,3 +179,22 @@ def test_nnclr_loss_by_hand_with_offset():
 
     expected = (direction(nn1, p2_all) + direction(nn2, p1_all)) / 2
     assert math.isclose(nnclr_loss(nn1, nn2, p1_all, p2_all, t, offset).item(), expected, rel_tol=1e-9)
+
+
+def test_swav_loss_by_hand():
+    """Eq. 3 of SwAV with multi-crop: each assignment crop's codes predicted from every other crop,
+    averaged over the V - 1 partners, then over the assignment crops."""
+    from sslrun.losses import swav_loss
+
+    torch.manual_seed(7)
+    scores = [torch.randn(3, 5).double() for _ in range(4)]
+    codes = [torch.softmax(torch.randn(3, 5).double(), dim=1) for _ in range(2)]
+    t = 0.1
+    expected = 0.0
+    for a, q in enumerate(codes):
+        partners = [v for v in range(4) if v != a]
+        for v in partners:
+            log_p = torch.log_softmax(scores[v] / t, dim=1)
+            expected += float(-(q * log_p).sum(dim=1).mean()) / len(partners)
+    expected /= len(codes)
+    assert math.isclose(swav_loss(scores, codes, t).item(), expected, rel_tol=1e-6)  # (float32 inside)

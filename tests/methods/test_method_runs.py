@@ -20,7 +20,7 @@ SMALL = [
     "trainer.log_every_n_steps=1",
     "scheduler.warmup_epochs=0.01",
 ]
-# Heads scaled to the 128-d toy backbone; MoCo v2's queue fills within 4 steps.
+# Heads scaled to the 128-d toy backbone; MoCo v2's queue and NNCLR's support set fill within 4 steps.
 HEADS = {
     "mocov2": ["method.queue_size=256"],
     "mocov3": ["method.projector.hidden_dim=256", "method.predictor_mlp.hidden_dim=256"],
@@ -29,6 +29,9 @@ HEADS = {
                 "method.predictor_mlp.out_dim=256"],
     "barlow_twins": ["method.projector.hidden_dim=512", "method.projector.out_dim=512"],
     "vicreg": ["method.projector.hidden_dim=512", "method.projector.out_dim=512"],
+    "nnclr": ["method.queue_size=256", "method.projector.hidden_dim=256", "method.predictor_mlp.hidden_dim=256"],
+    "swav": ["method.prototypes=64", "method.queue_size=256", "method.queue_start_epochs=0",
+             "method.projector.hidden_dim=256"],
 }
 
 
