@@ -10,7 +10,7 @@ from omegaconf import MISSING
 
 from sslrun.config.errors import require
 from sslrun.config.schema import MLPSpec, Schema, require_positive
-from sslrun.distributed import gather_rows, rank
+from sslrun.distributed import all_gather_with_grad, rank
 from sslrun.losses import entropy, sinkhorn_knopp, swav_loss
 from sslrun.methods.base import SSLMethod, StepOutput
 from sslrun.methods.registry import register_method
@@ -89,17 +89,16 @@ class SwAV(SSLMethod):
         z = F.normalize(self.projector(torch.cat(features)), dim=1)
         scores = self.prototypes(z).float().chunk(len(views))
         codes = []
-        with torch.no_grad():
+        with torch.no_grad():  # one gather per assignment crop: its scores and its queue rows
             for crop in range(self.assignment_crops):
-                columns = gather_rows(scores[crop])
-                global_batch = columns.shape[0]
-                if self.queue_in_use(global_batch):
+                embeddings = all_gather_with_grad(z[crop * batch_size:(crop + 1) * batch_size])
+                columns = self.prototypes(embeddings).float()
+                if self.queue_in_use(embeddings.shape[0]):
                     columns = torch.cat([self.prototypes(self.queues[crop].rows).float(), columns])
-                batch_codes = sinkhorn_knopp(columns, self.epsilon, self.iterations)[-global_batch:]
+                batch_codes = sinkhorn_knopp(columns, self.epsilon, self.iterations)[-embeddings.shape[0]:]
                 codes.append(batch_codes[rank() * batch_size:(rank() + 1) * batch_size])
-            if self.queues is not None and self.global_step >= self.queue_start_step:
-                for crop, queue in enumerate(self.queues):
-                    queue.push(gather_rows(z[crop * batch_size:(crop + 1) * batch_size]))
+                if self.queues is not None and self.global_step >= self.queue_start_step:
+                    self.queues[crop].push(embeddings)
         loss = swav_loss(scores, codes, self.temperature)
         assigned = torch.cat(codes).argmax(dim=1)
         return StepOutput(loss, features[0], z[:batch_size], {
