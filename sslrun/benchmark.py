@@ -70,7 +70,7 @@ SEED = "$S"  # the seed in the table's commands: `for S in 0 1 2; do <command>; 
 _RUN_DIR_OF = re.compile(r"\{run_dir:([\w.-]+)\}")
 LOAD_SAMPLE_SEC = 10  # how often train() reads the machine's load average
 SHARED_LOAD = 1.5  # mean load above this x cores: something else ran beside the run
-_SUITE_KEYS = {"name", "about", "train", "methods", "protocols"}
+_SUITE_KEYS = {"name", "about", "train", "methods", "protocols", "method_protocols"}
 
 log = logging.getLogger("sslrun.benchmark")
 
@@ -126,9 +126,12 @@ def _check(cfg: DictConfig) -> None:
     for key in ("train", "methods", "protocols"):
         if suite.get(key) is None:
             raise BenchmarkError(f"suite.{key}: no value given (suite={suite.get('name')})")
-    bad = [p for p in suite.protocols if p not in PROTOCOLS]
+    extra = suite.get("method_protocols") or {}
+    bad = [(key, p) for key, names in [("suite.protocols", suite.protocols),
+                                       *((f"suite.method_protocols.{m}", v) for m, v in extra.items())]
+           for p in names if p not in PROTOCOLS]
     if bad:
-        raise BenchmarkError(f"suite.protocols: no protocol {bad[0]!r}; choose from {', '.join(PROTOCOLS)}")
+        raise BenchmarkError(f"{bad[0][0]}: no protocol {bad[0][1]!r}; choose from {', '.join(PROTOCOLS)}")
     if cfg.mode not in ("run", "plan", "table"):
         raise BenchmarkError(f"mode={cfg.mode}: choose one of run, plan, table")
     seeds(cfg)
@@ -245,8 +248,15 @@ def record(run: PlannedRun) -> Optional[dict]:
     return read_json(run.layout.benchmark_record)
 
 
+def protocols_of(cfg: DictConfig, method: str) -> Dict[str, List[str]]:
+    """The offline protocols of a method's runs -> their overrides: the suite's, then the method's
+    own (`suite.method_protocols`: MAE's fine-tuning)."""
+    extra = (cfg.suite.get("method_protocols") or {}).get(method) or {}
+    return {p: [str(o) for o in overrides] for p, overrides in {**cfg.suite.protocols, **extra}.items()}
+
+
 def missing_protocols(cfg: DictConfig, run: PlannedRun) -> List[str]:
-    return [p for p in cfg.suite.protocols if not run.layout.eval_result(p).is_file()]
+    return [p for p in protocols_of(cfg, run.method) if not run.layout.eval_result(p).is_file()]
 
 
 def trained(run: PlannedRun) -> bool:
@@ -313,7 +323,7 @@ def _recorded_files(cfg: DictConfig, run: PlannedRun) -> List[Path]:
     """What the table reads of a run, relative to its directory: summary.json, benchmark.json and
     the suite's eval/<protocol>.json (no weights: a record is kilobytes, fit for git)."""
     layout = run.layout
-    files = [layout.summary, layout.benchmark_record, *(layout.eval_result(p) for p in cfg.suite.protocols)]
+    files = [layout.summary, layout.benchmark_record, *(layout.eval_result(p) for p in protocols_of(cfg, run.method))]
     return [f.relative_to(layout.root) for f in files]
 
 
@@ -346,7 +356,7 @@ def recorded(cfg: DictConfig, run: PlannedRun) -> Optional[Path]:
             f"{target} records a run of `python -m sslrun {' '.join(written.get('command') or [])}`, not this "
             f"suite's `python -m sslrun {' '.join(run.overrides)}`: give another records= (or remove that directory)")
     finished = found.get("status") == "diverged" or (found.get("status") == "completed" and all(
-        kept.eval_result(p).is_file() for p in cfg.suite.protocols))
+        kept.eval_result(p).is_file() for p in protocols_of(cfg, run.method)))
     return target if finished else None
 
 
@@ -481,7 +491,7 @@ def evaluate(cfg: DictConfig, run: PlannedRun) -> None:
     for protocol in missing:
         log.info("%s: evaluating %s", run.name, protocol)
         try:
-            result = evaluate_run(run.run_dir, protocol, [str(o) for o in cfg.suite.protocols[protocol]])
+            result = evaluate_run(run.run_dir, protocol, protocols_of(cfg, run.method)[protocol])
         except Exception as error:  # noqa: BLE001 - one protocol's failure must not stop the benchmark
             errors[protocol] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
             log.error("%s: %s failed: %s", run.name, protocol, errors[protocol])
@@ -560,7 +570,7 @@ class MethodResults:
             found = summary(run)
             if found is not None and found.get("status") == "completed":
                 summaries.append(found)
-                evals.append({p: read_json(run.layout.eval_result(p)) or {} for p in cfg.suite.protocols})
+                evals.append({p: read_json(run.layout.eval_result(p)) or {} for p in protocols_of(cfg, method)})
                 load = shared_machine(record(run))
                 if load:
                     shared.append((run.seed, load))
@@ -605,7 +615,7 @@ def table(cfg: DictConfig, runs: List[PlannedRun]) -> str:
     for run in runs:
         by_method.setdefault(run.method, []).append(run)
     results = [MethodResults.read(cfg, m, r) for m, r in by_method.items()]
-    protocols = list(cfg.suite.protocols)
+    protocols = _table_protocols(cfg, by_method)
     headers = ["method", *[f"{PROTOCOLS[p]} top-1" for p in protocols], "kNN raw pixels", "kNN random init"]
     zero_shot = any(r.online("zero_shot_top1") for r in results)
     if zero_shot:
@@ -614,7 +624,7 @@ def table(cfg: DictConfig, runs: List[PlannedRun]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for r in results:
         train_time = _mean(r.online("wall_time_sec"))
-        eval_time = _mean(_numbers([sum(_numbers([e.get(p, {}).get("wall_time_sec") for p in protocols]))
+        eval_time = _mean(_numbers([sum(_numbers([e.get(p, {}).get("wall_time_sec") for p in e]))
                                     for e in r.evals]))
         cells = [f"**{r.method}**", *[_mean_std(r.protocol(p)) for p in protocols],
                  _mean_std(r.baseline("pixels")), _mean_std(r.baseline("random_init"))]
@@ -628,16 +638,29 @@ def table(cfg: DictConfig, runs: List[PlannedRun]) -> str:
     return "\n".join(lines + ([""] + ["Runs without numbers:", ""] + notes if notes else []))
 
 
+def _table_protocols(cfg: DictConfig, by_method: Dict[str, List[PlannedRun]]) -> List[str]:
+    """The table's protocol columns: the suite's, then those only some methods have."""
+    names = list(cfg.suite.protocols)
+    for method in by_method:
+        names += [p for p in protocols_of(cfg, method) if p not in names]
+    return names
+
+
 def _protocol_settings(cfg: DictConfig, runs: List[PlannedRun]) -> List[str]:
-    """Each protocol's settings as its first JSON states them."""
-    lines = []
-    for protocol in cfg.suite.protocols:
-        found = next((j for j in (read_json(r.layout.eval_result(protocol)) for r in runs) if j), None)
-        overrides = " ".join(map(_quote, map(str, cfg.suite.protocols[protocol])))
+    """Each protocol's settings as its first JSON states them (a method's own protocol: for its runs)."""
+    lines, by_method = [], {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(run)
+    for protocol in _table_protocols(cfg, by_method):
+        users = [m for m in by_method if protocol in protocols_of(cfg, m)]
+        scope = "" if protocol in cfg.suite.protocols else f" ({', '.join(users)} only)"
+        used = [r for r in runs if r.method in users]
+        found = next((j for j in (read_json(r.layout.eval_result(protocol)) for r in used) if j), None)
+        overrides = " ".join(map(_quote, protocols_of(cfg, users[0])[protocol]))
         command = f"`python -m sslrun.evaluate RUN_DIR protocol={protocol}{' ' + overrides if overrides else ''}`"
         settings = found.get("settings") if found else None
         text = json.dumps(settings, sort_keys=True) if settings is not None else "no run evaluated yet"
-        lines.append(f"- {protocol}: {command}; settings: `{_cell(text)}`")
+        lines.append(f"- {protocol}{scope}: {command}; settings: `{_cell(text)}`")
     return lines
 
 

@@ -7,6 +7,7 @@ mocov3_vit) runs on its quick-recipe presets, shrunk: the method's own `test_ove
 
 from functools import lru_cache
 from typing import List, Optional
+from unittest import mock
 
 import torch
 
@@ -83,3 +84,8 @@ def shard_of(batch: dict, rank: int, world: int) -> dict:
     per = BATCH // world
     return {key: [v[rank * per:(rank + 1) * per] for v in value] if key == "views" else value[rank * per:(rank + 1) * per]
             for key, value in batch.items()}
+
+
+def at_step(method, step: int):
+    """A context in which `method.global_step` reads `step` (schedules, queues, seeded draws)."""
+    return mock.patch.object(type(method), "global_step", new_callable=mock.PropertyMock, return_value=step)

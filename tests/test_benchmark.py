@@ -172,6 +172,28 @@ def test_a_run_that_shared_the_machine_is_marked(tmp_path, suite_dir):
     assert rows["byol"]["images/s"] == "200 ± 0"
 
 
+def test_a_methods_own_protocol_runs_for_it_only_and_gets_a_column(tmp_path, suite_dir):
+    """suite.method_protocols (MAE's fine-tuning): only that method's runs miss it until its JSON
+    is there, the table gets its column ("–" for the others), and the protocols list says whose."""
+    suite = {**TINY_SUITE, "method_protocols": {"byol": {"finetune": ["protocol.max_steps=2"]}}}
+    (suite_dir / "suite" / "tiny.yaml").write_text(yaml.safe_dump(suite))
+    args = tiny_args(tmp_path, suite_dir, "seeds=2", "methods=[simclr,byol]", "mode=table")
+    cfg = compose_benchmark(args)
+    runs = plan(cfg)
+    for run in runs:
+        finish(run, 0.6, 0.5)
+    assert {r.method: benchmark.missing_protocols(cfg, r) for r in runs} == {"simclr": [], "byol": ["finetune"]}
+    assert benchmark.protocols_of(cfg, "byol")["finetune"] == ["protocol.max_steps=2"]
+    for run, top1 in zip([r for r in runs if r.method == "byol"], (0.7, 0.8)):
+        run.layout.eval_result("finetune").write_text(json.dumps({"top1": top1, "wall_time_sec": 5.0}))
+    assert not any(benchmark.missing_protocols(cfg, r) for r in runs)
+    assert main(args) == 0
+    markdown = (tmp_path / "results.md").read_text()
+    rows = table_rows(markdown)
+    assert rows["byol"]["fine-tune top-1"] == mean_std([0.7, 0.8]) and rows["simclr"]["fine-tune top-1"] == "–"
+    assert "- finetune (byol only): `python -m sslrun.evaluate RUN_DIR protocol=finetune protocol.max_steps=2`" in markdown
+
+
 def test_train_records_the_machine_load_over_the_run(tmp_path, suite_dir, monkeypatch):
     """benchmark.json gets the mean of the load samples taken while the training process ran."""
     args = tiny_args(tmp_path, suite_dir, "methods=[simclr]")

@@ -148,3 +148,20 @@ def test_swav_codes_and_loss_equal_lightlys(lightly_loss, queued):
     peer = lightly_loss.SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)
     expected = peer(scores[:2], scores[2:], queue)
     torch.testing.assert_close(swav_loss(scores, codes, 0.1), expected.squeeze(), rtol=1e-5, atol=1e-6)
+
+
+def test_sigreg_and_lejepa_loss_equal_lightlys(lightly_loss):
+    """lightly's SIGReg (Epps-Pulley on [0, t_max], doubled) and LeJEPALoss on multi-view
+    projections [V, N, D], with the same random directions given to both."""
+    from sslrun.losses import lejepa_loss, random_directions, sigreg_loss
+
+    torch.manual_seed(9)
+    views = torch.randn(5, 32, 16) * 1.5 + 0.3  # 2 global + 3 local views, far from N(0, I)
+    directions = random_directions(16, 64, seed=3, device="cpu")
+    sigreg = lightly_loss.SIGReg(num_vectors=64)
+    sigreg._generate_unit_vectors = lambda device, dtype, features: directions
+    torch.testing.assert_close(sigreg_loss(views, directions), sigreg(views))
+    loss = lightly_loss.LeJEPALoss(lambda_param=0.05, sigreg_num_vectors=64)
+    loss.sigreg._generate_unit_vectors = lambda device, dtype, features: directions
+    ours, _, _ = lejepa_loss(views, 2, directions, 0.05)
+    torch.testing.assert_close(ours, loss(local_proj=views[2:], global_proj=views[:2]))

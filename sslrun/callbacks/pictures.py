@@ -1,6 +1,7 @@
-"""Pictures during training, for ViT backbones: class-token attention per head and the PCA of
-patch features, on fixed held-out images; saved as PNGs under <run dir>/pictures/ and sent to the
-dashboard (wandb, TensorBoard) at every evaluation and at the end of training."""
+"""Pictures during training, for ViT backbones: class-token attention per head, the PCA of patch
+features and the method's own (`SSLMethod.method_pictures`: MAE's reconstructions), on fixed
+held-out images; saved as PNGs under <run dir>/pictures/ and sent to the dashboard (wandb,
+TensorBoard) at every evaluation and at the end of training."""
 
 import logging
 from pathlib import Path
@@ -44,6 +45,7 @@ class Pictures(L.Callback):
                 pictures = {
                     "attention": attention_picture(images, class_attention(pl_module.eval_backbone, inputs).float()),
                     "patch_pca": pca_picture(images, patch_pca(pl_module.eval_backbone, inputs)),
+                    **pl_module.method_pictures(images, inputs, self.datamodule.augment),
                 }
         finally:
             pl_module.train(was_training)

@@ -67,6 +67,23 @@ class DINOHeadSpec:
 
 
 @dataclass
+class TokenPredictorSpec:
+    """models.predictor.TokenPredictor: MAE's decoder, I-JEPA's predictor (a narrow ViT)."""
+
+    width: int = MISSING
+    depth: int = MISSING
+    heads: int = MISSING
+
+    @staticmethod
+    def check_spec(spec: DictConfig, key: str) -> None:
+        require(spec.width > 0 and spec.depth > 0 and spec.heads > 0,
+                f"{key}: width, depth and heads must be positive, got {spec.width}, {spec.depth}, {spec.heads}")
+        require(spec.width % spec.heads == 0 and spec.width % 4 == 0,
+                f"{key}.width={spec.width}: must be a multiple of 4 (the 2-D sin-cos positions) and of "
+                f"{key}.heads={spec.heads}")
+
+
+@dataclass
 class PredictorHeads(Schema):
     """A projector and a predictor whose output is compared with a projection (BYOL, MoCo v3,
     SimSiam): the widths must match."""

@@ -50,6 +50,31 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(tensor)
 
 
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Forward: the sum over processes. Backward: every process's loss depends on the sum, so the
+    gradient of the local summand is the sum of the processes' gradients (as _AllGatherWithGrad)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.detach().clone().contiguous()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over processes, differentiable: global-batch statistics a loss is built
+    from (SIGReg's characteristic functions) without gathering the rows."""
+    if not is_distributed():
+        return tensor
+    return _AllReduceWithGrad.apply(tensor)
+
+
 @torch.no_grad()
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of `tensor` over processes (a new tensor; no gradient): global batch statistics."""

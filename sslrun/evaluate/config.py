@@ -86,11 +86,14 @@ class FinetuneProtocol(Schema):
     label_smoothing: float = MISSING
     drop_path_rate: float = MISSING
     crop_scale: List[float] = MISSING
+    baselines: List[str] = MISSING
 
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
         p = cfg.protocol
         require_positive(p, "protocol", "epochs", "batch_size", "base_lr")
+        for baseline in p.baselines:
+            require(baseline == "random_init", f"protocol.baselines: {baseline!r}; fine-tuning has one: random_init")
         require(p.max_steps is None or p.max_steps > 0, f"protocol.max_steps={p.max_steps}: positive, or null")
         require(0 < p.layer_decay <= 1, f"protocol.layer_decay={p.layer_decay}: must be in (0, 1] (1: none)")
         require(p.warmup_epochs >= 0, f"protocol.warmup_epochs={p.warmup_epochs}: must be at least 0")

@@ -198,9 +198,25 @@ def finetune(ev: Evaluation) -> dict:
     require(p.batch_size % world == 0, f"protocol.batch_size={p.batch_size}: must divide by the {world} processes")
     require(p.batch_size <= len(ev.splits.train), f"protocol.batch_size={p.batch_size}: more than the "
                                                   f"{len(ev.splits.train)} training images; give a smaller one")
-    model = ev.load_backbone(drop_path_rate=p.drop_path_rate)
+    result = _finetune(ev, ev.load_backbone(drop_path_rate=p.drop_path_rate), ev.layout.eval_dir / "finetune.safetensors")
+    if "random_init" in p.baselines:  # the same protocol from the untrained network: what pretraining adds
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ev.cfg.seed)
+            backbone = ev.source.backbone.copy()
+            backbone.drop_path_rate = p.drop_path_rate
+            untrained = build_backbone(backbone, in_chans=ev.data.channels).to(ev.device)
+        baseline = _finetune(ev, untrained, ev.layout.eval_dir / "finetune_random_init.safetensors")
+        result.update(top1_random_init=baseline["top1"], train_loss_random_init=baseline["train_loss"])
+    return result
+
+
+def _finetune(ev: Evaluation, model: torch.nn.Module, weights) -> dict:
+    """Fine-tune `model` end to end by the protocol; score it on the test split; save it to `weights`."""
+    p, world = ev.protocol, world_size()
     vit = is_vit(model)
-    model.reset_classifier(ev.splits.num_classes)
+    with torch.random.fork_rng(devices=[]):  # the new head's init: seeded, the same for every backbone
+        torch.manual_seed(ev.cfg.seed)
+        model.reset_classifier(ev.splits.num_classes)
     model.to(ev.device)
     lr = p.base_lr * p.batch_size / 256
     layer_decay = p.layer_decay if vit and p.layer_decay < 1 else None
@@ -234,11 +250,11 @@ def finetune(ev: Evaluation) -> dict:
         logits, labels = embed(model, Viewed(ev.splits.heldout, ev.center), ev.splits.num_classes, ev.cfg.batch_size,
                                ev.num_workers, ev.device, ev.normalize)
     if rank() == 0:
-        _save_weights(model, ev.layout.eval_dir / "finetune.safetensors")
+        _save_weights(model, weights)
     last_epoch = losses[-per_epoch:]
     return {"top1": top1(logits.argmax(dim=1), labels), "steps": step, "epochs": step / per_epoch, "lr": lr,
             "layer_decay": layer_decay, "train_loss": sum(last_epoch) / max(1, len(last_epoch)),
-            "weights": str(ev.layout.eval_dir / "finetune.safetensors"),
+            "weights": str(weights),
             "features": {"train": len(ev.splits.train), "test": len(ev.splits.heldout),
                          "train_view": {**ev.crop(p.crop_scale, 0).recipe, "draw": "the epoch"},
                          "test_view": ev.center.describe}}

@@ -77,6 +77,12 @@ class SSLMethod(L.LightningModule):
     def training_loss(self, batch: dict) -> StepOutput:
         raise NotImplementedError
 
+    def method_pictures(self, images: torch.Tensor, inputs: torch.Tensor, augment) -> Dict[str, object]:
+        """Pictures of what this method does (MAE: reconstructions), name -> PIL image, drawn with
+        the ViT pictures at every evaluation: held-out uint8 `images`, their normalised `inputs`,
+        the data's `augment` (its mean and std). None by default."""
+        return {}
+
     def after_optimizer_step(self) -> None:
         """Runs once per optimizer step, after it (momentum teachers update here); not after a
         step whose update the non-finite guard skipped (callbacks/nonfinite.py)."""

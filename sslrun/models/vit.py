@@ -13,7 +13,7 @@ of them and zeroing the dropped ones.
 """
 
 import types
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -45,9 +45,14 @@ def enable_packing(vit: nn.Module, attention: str) -> nn.Module:
     # The packed pass runs as methods of the ViT and of each block (not through `forward`), so a
     # sharded model can hook them as it hooks `forward`: see `sslrun.distributed.fsdp`.
     vit.packed = types.MethodType(_packed_pass, vit)
-    for block in vit.blocks:
-        block.packed = types.MethodType(packed_block, block)
+    pack_blocks(vit.blocks)
     return vit
+
+
+def pack_blocks(blocks) -> None:
+    """Give each timm Block the `packed(x, packing, attention)` method the packed passes call."""
+    for block in blocks:
+        block.packed = types.MethodType(packed_block, block)
 
 
 def require_packing(model: nn.Module, method: str) -> None:
@@ -125,27 +130,63 @@ def packed_block(block: nn.Module, x: torch.Tensor, packing: Packing,
     return x
 
 
+# Patches kept per image: [B, K] indices, or B 1-D index tensors of any lengths.
+Kept = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
 def packed_forward(vit: nn.Module, crops: Sequence[torch.Tensor],
                    masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                   mask_token: Optional[MaskToken] = None) -> List[torch.Tensor]:
+                   mask_token: Optional[MaskToken] = None,
+                   keep: Optional[Sequence[Optional[Kept]]] = None) -> List[torch.Tensor]:
     """Run `crops` (each [B, C, H, W], any mix of sizes) through `vit` as one packed sequence.
 
     Returns the final-norm tokens per crop, [B, prefix + patches, D] each, in input order. The
-    attention backend is the one `enable_packing` gave the model."""
-    return vit.packed(crops, masks, mask_token)
+    attention backend is the one `enable_packing` gave the model.
+
+    `keep[c]`, when given for crop c, drops the other patches after the position embedding (MAE's
+    encoder, I-JEPA's context): per image the indices of the patches to keep, as a [B, K] tensor
+    or a list of B 1-D tensors of any lengths. That crop's output is then flat, [sum over images
+    of (prefix + kept), D]: image by image, its prefix tokens, then its kept patches in the order
+    given. Segments of different lengths cost no padding: each is its own block of the attention."""
+    return vit.packed(crops, masks, mask_token, keep)
 
 
-def _packed_pass(vit: nn.Module, crops, masks, mask_token) -> List[torch.Tensor]:
+
+def kept_rows(kept: Kept, tokens: int, prefix: int, device) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+    """Rows of the flattened [B * tokens, D] crop that `kept` keeps, and each image's length."""
+    if torch.is_tensor(kept) and kept.dim() == 2:
+        batch, count = kept.shape
+        rows = torch.cat([torch.arange(prefix, device=device).expand(batch, prefix), kept.to(device) + prefix], 1)
+        rows = rows + torch.arange(batch, device=device)[:, None] * tokens
+        return rows.flatten(), (prefix + count,) * batch
+    per_image = [torch.cat([torch.arange(prefix, device=device), k.to(device) + prefix]) + i * tokens
+                 for i, k in enumerate(kept)]
+    return torch.cat(per_image), tuple(len(rows) for rows in per_image)
+
+
+def _packed_pass(vit: nn.Module, crops, masks, mask_token, keep=None) -> List[torch.Tensor]:
     attention = vit.block_diagonal_attention
     masks = masks or [None] * len(crops)
-    tokens = [crop_tokens(vit, images, mask, mask_token) for images, mask in zip(crops, masks)]
-    packing = Packing(tuple(t.shape[1] for t in tokens for _ in range(t.shape[0])))
-    x = torch.cat([t.flatten(0, 1) for t in tokens]).unsqueeze(0)
+    keep = keep or [None] * len(crops)
+    flat, lengths = [], []
+    for images, mask, kept in zip(crops, masks, keep):
+        tokens = crop_tokens(vit, images, mask, mask_token)
+        batch, count = tokens.shape[:2]
+        if kept is None:
+            flat.append(tokens.flatten(0, 1))
+            lengths.append((count,) * batch)
+        else:
+            rows, kept_lengths = kept_rows(kept, count, vit.num_prefix_tokens, tokens.device)
+            flat.append(tokens.flatten(0, 1)[rows])
+            lengths.append(kept_lengths)
+    packing = Packing(tuple(length for crop in lengths for length in crop))
+    x = torch.cat(flat).unsqueeze(0)
     for block in vit.blocks:
         x = block.packed(x, packing, attention)
     x = vit.norm(x)[0]
-    sizes = [t.shape[0] * t.shape[1] for t in tokens]
-    return [part.view(t.shape[0], t.shape[1], -1) for part, t in zip(x.split(sizes), tokens)]
+    parts = x.split([sum(crop) for crop in lengths])
+    return [part if kept is not None else part.view(len(crop), crop[0], -1)
+            for part, crop, kept in zip(parts, lengths, keep)]
 
 
 def grouped_forward(vit: nn.Module, crops: Sequence[torch.Tensor],

@@ -280,3 +280,29 @@ def test_report_shows_the_offline_numbers(toy_run):
     assert float(cells["offline_knn_top1"]) == pytest.approx(knn["top1"], abs=1e-4)
     assert float(cells["rankme"]) == pytest.approx(stats["rankme"], rel=1e-3)
     assert "offline_linear_top1" not in cells  # no linear.json: no column
+
+
+def test_the_random_init_baseline_is_the_same_fine_tuning_from_the_seeded_untrained_backbone(tmp_path, toy_data):
+    """Weights saved from the evaluation's seeded random init (seed 0) fine-tune, with nothing else
+    random (no stochastic depth), to exactly the baseline's numbers and weights."""
+    from safetensors.torch import load_file, save_file
+
+    from sslrun.config import compose
+    from sslrun.models.backbones import build_backbone
+
+    overrides = [o for o in toy_training_overrides(toy_data) if not o.startswith("backbone")]
+    vit = ["backbone=vit_tiny_p4", "backbone.timm_kwargs.depth=2", "backbone.timm_kwargs.patch_size=8"]
+    cfg = compose([*overrides, *vit], method_schema=False)
+    torch.manual_seed(0)
+    weights = tmp_path / "init.safetensors"
+    save_file(build_backbone(cfg.backbone, in_chans=1).state_dict(), str(weights))
+    out = tmp_path / "out"
+    result = evaluate_run(out, "finetune", [*FAST, f"weights={weights}", *overrides, *vit, "protocol.max_steps=3",
+                                            "protocol.batch_size=16", "protocol.drop_path_rate=0.0",
+                                            "protocol.baselines=[random_init]"])
+    assert result["top1_random_init"] == result["top1"]
+    assert result["train_loss_random_init"] == result["train_loss"]
+    trained, baseline = (load_file(str(RunDir(out).eval_dir / name))
+                         for name in ("finetune.safetensors", "finetune_random_init.safetensors"))
+    assert all(torch.equal(trained[k], baseline[k]) for k in trained)
+    assert not torch.equal(trained["blocks.0.attn.qkv.weight"], load_file(str(weights))["blocks.0.attn.qkv.weight"])

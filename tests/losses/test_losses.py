@@ -198,3 +198,61 @@ def test_swav_loss_by_hand():
             expected += float(-(q * log_p).sum(dim=1).mean()) / len(partners)
     expected /= len(codes)
     assert math.isclose(swav_loss(scores, codes, t).item(), expected, rel_tol=1e-6)  # (float32 inside)
+
+
+def test_mae_loss_by_hand():
+    """MAE's loss written out: each masked patch's pixels standardised by their own mean and
+    (unbiased) variance + 1e-6, the squared error averaged over pixels, then over patches."""
+    from sslrun.losses import mae_loss
+
+    torch.manual_seed(8)
+    predictions, pixels = torch.randn(2, 3, 4).double(), torch.rand(2, 3, 4).double() * 5
+    expected, raw = 0.0, 0.0
+    for b in range(2):
+        for i in range(3):
+            x = pixels[b, i].tolist()
+            mean = sum(x) / 4
+            var = sum((v - mean) ** 2 for v in x) / 3
+            target = [(v - mean) / math.sqrt(var + 1e-6) for v in x]
+            expected += sum((p - t) ** 2 for p, t in zip(predictions[b, i].tolist(), target)) / 4 / 6
+            raw += sum((p - v) ** 2 for p, v in zip(predictions[b, i].tolist(), x)) / 4 / 6
+    assert math.isclose(mae_loss(predictions, pixels).item(), expected, rel_tol=1e-6)
+    assert math.isclose(mae_loss(predictions, pixels, normalize_targets=False).item(), raw, rel_tol=1e-6)
+
+
+def test_sigreg_by_hand_and_as_a_gaussianity_test():
+    """SIGReg written out with complex exponentials: per direction the empirical characteristic
+    function against exp(-t^2/2), weighted by it, integrated by the trapezoid rule over a grid
+    symmetric about 0 (what the half-grid doubling must equal), times N, averaged. As a test it
+    is near 0 for N(0, I) samples and large for a scaled or collapsed embedding."""
+    import cmath
+
+    from sslrun.losses import random_directions, sigreg_loss
+
+    torch.manual_seed(10)
+    z = torch.randn(12, 3).double() * 0.7 + 0.4
+    directions = random_directions(3, 4, seed=1, device="cpu").double()
+    t_max, knots = 3.0, 9
+    grid = [t_max * (k - (knots - 1)) / (knots - 1) for k in range(2 * knots - 1)]  # -3 .. 3, step 0.375
+    step = grid[1] - grid[0]
+    total = 0.0
+    for m in range(4):
+        projections = [float(z[n] @ directions[:, m]) for n in range(12)]
+        values = []
+        for t in grid:
+            phi = sum(cmath.exp(1j * t * x) for x in projections) / 12
+            values.append(abs(phi - math.exp(-t * t / 2)) ** 2 * math.exp(-t * t / 2))
+        integral = step * (sum(values) - (values[0] + values[-1]) / 2)
+        total += 12 * integral / 4
+    assert math.isclose(sigreg_loss(z, directions, t_max, knots).item(), total, rel_tol=1e-5)
+
+    # Under the null (i.i.d. N(0, 1) projections) E N |phi_N(t) - phi(t)|^2 = 1 - phi(t)^2, so the
+    # statistic's expectation is the quadrature of (1 - exp(-t^2)) exp(-t^2 / 2): about 0.91.
+    knots_17 = [3.0 * k / 16 for k in range(17)]
+    weights = [(3.0 / 16) * (1 if k in (0, 16) else 2) for k in range(17)]
+    expected = sum(w * (1 - math.exp(-t * t)) * math.exp(-t * t / 2) for w, t in zip(weights, knots_17))
+    many = random_directions(64, 128, seed=2, device="cpu")
+    gaussian = sigreg_loss(torch.randn(32, 512, 64), many).item()  # the mean over 32 batches
+    assert abs(gaussian - expected) < 0.05 * expected, (gaussian, expected)
+    assert sigreg_loss(torch.randn(512, 64) * 3, many) > 50 * expected
+    assert sigreg_loss(torch.randn(512, 1).expand(-1, 64), many) > 50 * expected  # collapsed to one dimension

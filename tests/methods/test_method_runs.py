@@ -30,6 +30,7 @@ HEADS = {
     "barlow_twins": ["method.projector.hidden_dim=512", "method.projector.out_dim=512"],
     "vicreg": ["method.projector.hidden_dim=512", "method.projector.out_dim=512"],
     "nnclr": ["method.queue_size=256", "method.projector.hidden_dim=256", "method.predictor_mlp.hidden_dim=256"],
+    "lejepa": ["method.projector.hidden_dim=256", "method.slices=128"],
     "swav": ["method.prototypes=64", "method.queue_size=256", "method.queue_start_epochs=0",
              "method.projector.hidden_dim=256"],
 }

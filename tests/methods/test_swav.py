@@ -2,18 +2,12 @@
 holds real rows), the swapped prediction, renormalised and initially frozen prototypes. (2 processes
 == 1 and the FSDP step are the registry's tests.)"""
 
-from unittest import mock
-
 import torch
 import torch.nn.functional as F
 
 from sslrun.losses import sinkhorn_knopp, swav_loss
 from sslrun.models.multicrop import crop_features
-from tests.method_cases import BATCH, tiny_batch, tiny_method
-
-
-def at_step(method, step: int):
-    return mock.patch.object(type(method), "global_step", new_callable=mock.PropertyMock, return_value=step)
+from tests.method_cases import BATCH, at_step, tiny_batch, tiny_method
 
 
 def scores_by_hand(method, batch):

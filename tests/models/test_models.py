@@ -81,3 +81,29 @@ def test_a_resnet_runs_multi_crop_views_one_batch_per_size():
         assert calls == [6, 12]  # one batch per size
         for crop, output in zip(crops, outputs):
             torch.testing.assert_close(output, resnet(crop), rtol=1e-5, atol=1e-5)
+
+
+def test_token_predictor_packs_segments_of_any_lengths_as_each_alone():
+    """MAE's decoder / I-JEPA's predictor: three segments (context + queries of 4 + 2, 1 + 5, 6 + 1
+    tokens) in one packed call give, at each query, what the segment gives run alone through the
+    same blocks as a batch of one: embedded context and mask tokens, each plus its position."""
+    from sslrun.models.attention import BlockDiagonalAttention
+    from sslrun.models.predictor import TokenPredictor
+
+    torch.manual_seed(0)
+    predictor = TokenPredictor(12, 16, 2, 2, 5, (3, 3), BlockDiagonalAttention("sdpa")).eval()
+    context_lengths, query_lengths = (4, 1, 6), (2, 5, 1)
+    context = torch.randn(sum(context_lengths), 12)
+    context_positions = torch.randint(0, 10, (sum(context_lengths),))
+    query_positions = torch.randint(1, 10, (sum(query_lengths),))
+    got = predictor(context, context_positions, context_lengths, query_positions, query_lengths)
+    expected = []
+    for c, cp, q in zip(context.split(context_lengths), context_positions.split(context_lengths),
+                        query_positions.split(query_lengths)):
+        table = predictor.position_table
+        x = torch.cat([predictor.embed(c) + table[cp], predictor.mask_token + table[q]])[None]
+        for block in predictor.blocks:
+            x = block(x)
+        expected.append(predictor.head(predictor.norm(x[0, len(c):])))
+    torch.testing.assert_close(got, torch.cat(expected), atol=1e-5, rtol=1e-5)
+    assert torch.equal(predictor.position_table[0], torch.zeros(16))  # prefix tokens: no position

@@ -68,6 +68,38 @@ def test_packed_forward_equals_per_crop_forward_outputs_and_gradients(backend, r
         assert_close_to_scale(got[name], expected[name], name=name)
 
 
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("reg_tokens", [0, 4])
+def test_kept_patches_of_any_count_run_as_each_image_alone(backend, reg_tokens):
+    """`keep` (MAE's encoder, I-JEPA's context): image i keeps its own patches (3, 7 and 1 of 49,
+    and a fixed 5 for a second crop); each image's output and every gradient equal the blocks
+    run on that image's prefix and kept tokens alone, in the order given."""
+    vit = tiny_vit(backend, reg_tokens).eval()
+    crops = multi_crop()[:2]
+    g = torch.Generator().manual_seed(4)
+    ragged = [torch.randperm(49, generator=g)[:count] for count in (3, 7, 1)]
+    fixed = torch.stack([torch.randperm(49, generator=g)[:5] for _ in range(BATCH)])
+    prefix = vit.num_prefix_tokens
+    reference = []
+    for images, kept in zip(crops, (ragged, list(fixed))):
+        tokens = crop_tokens(vit, images)
+        for i, k in enumerate(kept):
+            alone = torch.cat([tokens[i:i + 1, :prefix], tokens[i:i + 1, prefix:][:, k]], 1)
+            reference.append(vit.norm(vit.blocks(alone))[0])
+    loss_of(reference).backward()
+    expected = grads(vit)
+    vit.zero_grad()
+
+    first, second = packed_forward(vit, crops, keep=[ragged, fixed])
+    assert first.shape == (3 * prefix + 11, 192) and second.shape == (BATCH * (prefix + 5), 192)
+    outputs = [*first.split([prefix + len(k) for k in ragged]), *second.split(prefix + 5)]
+    for got, want in zip(outputs, reference):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    loss_of(outputs).backward()
+    for name, grad in grads(vit).items():
+        assert_close_to_scale(grad, expected[name], name=name)
+
+
 def test_grouped_forward_equals_packed_forward():
     vit = tiny_vit("sdpa").eval()
     crops = multi_crop()
