@@ -46,6 +46,7 @@ bench: install data peers
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_multicrop.py
 	$(BIN)/python scripts/bench_memory.py
+	$(BIN)/python scripts/bench_ijepa.py
 	$(BIN)/python scripts/bench_peers.py $(PEERS_ARGS)
 
 # Every registered method at a suite's budget, offline kNN and linear, 3 seeds -> docs/results.md

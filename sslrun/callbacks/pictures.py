@@ -42,11 +42,11 @@ class Pictures(L.Callback):
         pl_module.eval()
         try:
             with trainer.precision_plugin.forward_context():
-                pictures = {
-                    "attention": attention_picture(images, class_attention(pl_module.eval_backbone, inputs).float()),
-                    "patch_pca": pca_picture(images, patch_pca(pl_module.eval_backbone, inputs)),
-                    **pl_module.method_pictures(images, inputs, self.datamodule.augment),
-                }
+                vit = pl_module.eval_backbone
+                pictures = {"patch_pca": pca_picture(images, patch_pca(vit, inputs))}
+                if vit.cls_token is not None:  # class-token attention needs one (I-JEPA's ViT has none)
+                    pictures["attention"] = attention_picture(images, class_attention(vit, inputs).float())
+                pictures.update(pl_module.method_pictures(images, inputs, self.datamodule.augment))
         finally:
             pl_module.train(was_training)
         if not trainer.is_global_zero:

@@ -1,4 +1,5 @@
-"""Block-wise random masks for masked image modelling (BEiT, Bao et al. 2022; iBOT; DINOv2).
+"""Block-wise random masks for masked image modelling (BEiT, Bao et al. 2022; iBOT; DINOv2), and
+I-JEPA's context and target blocks (`multiblock_masks`).
 
 A mask covers about `count` patches of a gh x gw grid with random rectangles: each rectangle has
 an area drawn from [min_block, remaining] and a log-uniform aspect ratio in [ratio, 1 / ratio],
@@ -12,7 +13,8 @@ other images get empty masks, and the order is shuffled.
 
 import math
 import random
-from typing import Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -61,3 +63,59 @@ def batch_masks(batch: int, grid: Tuple[int, int], ratio_range: Sequence[float],
     masks += [torch.zeros(patches, dtype=torch.bool)] * (batch - masked)
     rng.shuffle(masks)
     return torch.stack(masks)
+
+
+# ---------------------------------------------------------------------------- I-JEPA's multi-block masks
+@dataclass
+class ContextAndTargets:
+    """One image's I-JEPA masks as patch indices of its grid (row-major): the context the encoder
+    sees (sorted) and the target blocks the predictor predicts (each row-major within its block)."""
+
+    context: torch.Tensor
+    targets: List[torch.Tensor]
+
+
+def jepa_block(grid: Tuple[int, int], scale: Sequence[float], aspect: Sequence[float],
+               rng: random.Random) -> torch.Tensor:
+    """The patch indices of one rectangle: area `scale` (uniform in the range) of the grid, aspect
+    h / w uniform in `aspect`, rounded, cut to the grid, placed uniformly (I-JEPA's
+    `_sample_block_size`; a block may span the whole grid, where the reference keeps it a patch short)."""
+    height, width = grid
+    area = rng.uniform(*scale) * height * width
+    ratio = rng.uniform(*aspect)
+    h = min(height, max(1, round(math.sqrt(area * ratio))))
+    w = min(width, max(1, round(math.sqrt(area / ratio))))
+    top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+    rows = torch.arange(top, top + h)[:, None] * width
+    return (rows + torch.arange(left, left + w)[None]).flatten()
+
+
+def multiblock_masks(batch: int, grid: Tuple[int, int], targets: int, target_scale: Sequence[float],
+                     target_aspect: Sequence[float], context_scale: Sequence[float], rng: random.Random,
+                     min_context: int = 4, attempts: int = 20) -> List[ContextAndTargets]:
+    """I-JEPA's masks (Assran et al. 2023, sec. 3): per image `targets` possibly overlapping blocks
+    (scale 0.15-0.2, aspect 0.75-1.5 in the paper) and one context block (scale 0.85-1, square)
+    less every target patch, so the context never shows what is predicted. A context block with
+    fewer than `min_context` patches left is drawn again (`attempts` times; then the context is
+    every patch outside the targets).
+
+    Every image draws its own sizes, and nothing is cut to a common length: the packed pass takes
+    segments of any length (the reference collator draws one size per batch and truncates every
+    context to the batch's shortest)."""
+    patches = grid[0] * grid[1]
+    masks = []
+    for _ in range(batch):
+        blocks = [jepa_block(grid, target_scale, target_aspect, rng) for _ in range(targets)]
+        covered = torch.zeros(patches, dtype=torch.bool)
+        for block in blocks:
+            covered[block] = True
+        for _ in range(attempts):
+            area = torch.zeros(patches, dtype=torch.bool)
+            area[jepa_block(grid, context_scale, (1.0, 1.0), rng)] = True
+            context = (area & ~covered).nonzero()[:, 0]
+            if len(context) >= min_context:
+                break
+        else:
+            context = (~covered).nonzero()[:, 0]
+        masks.append(ContextAndTargets(context, blocks))
+    return masks

@@ -87,11 +87,15 @@ class FinetuneProtocol(Schema):
     drop_path_rate: float = MISSING
     crop_scale: List[float] = MISSING
     baselines: List[str] = MISSING
+    global_pool: Optional[str] = MISSING
 
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
         p = cfg.protocol
         require_positive(p, "protocol", "epochs", "batch_size", "base_lr")
+        require(p.global_pool in (None, "token", "avg"),
+                f"protocol.global_pool={p.global_pool}: one of token (the class token), avg (the patch tokens' "
+                f"mean), or null (the backbone's own)")
         for baseline in p.baselines:
             require(baseline == "random_init", f"protocol.baselines: {baseline!r}; fine-tuning has one: random_init")
         require(p.max_steps is None or p.max_steps > 0, f"protocol.max_steps={p.max_steps}: positive, or null")

@@ -198,7 +198,11 @@ def finetune(ev: Evaluation) -> dict:
     require(p.batch_size % world == 0, f"protocol.batch_size={p.batch_size}: must divide by the {world} processes")
     require(p.batch_size <= len(ev.splits.train), f"protocol.batch_size={p.batch_size}: more than the "
                                                   f"{len(ev.splits.train)} training images; give a smaller one")
-    result = _finetune(ev, ev.load_backbone(drop_path_rate=p.drop_path_rate), ev.layout.eval_dir / "finetune.safetensors")
+    pretrained = ev.load_backbone(drop_path_rate=p.drop_path_rate)
+    require(p.global_pool is None or is_vit(pretrained),
+            f"protocol.global_pool={p.global_pool}: only a ViT pools a choice of tokens ({ev.source.backbone.name} "
+            f"averages its feature map); drop it")
+    result = _finetune(ev, pretrained, ev.layout.eval_dir / "finetune.safetensors")
     if "random_init" in p.baselines:  # the same protocol from the untrained network: what pretraining adds
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ev.cfg.seed)
@@ -216,7 +220,7 @@ def _finetune(ev: Evaluation, model: torch.nn.Module, weights) -> dict:
     vit = is_vit(model)
     with torch.random.fork_rng(devices=[]):  # the new head's init: seeded, the same for every backbone
         torch.manual_seed(ev.cfg.seed)
-        model.reset_classifier(ev.splits.num_classes)
+        model.reset_classifier(ev.splits.num_classes, **({} if p.global_pool is None else {"global_pool": p.global_pool}))
     model.to(ev.device)
     lr = p.base_lr * p.batch_size / 256
     layer_decay = p.layer_decay if vit and p.layer_decay < 1 else None
@@ -253,7 +257,8 @@ def _finetune(ev: Evaluation, model: torch.nn.Module, weights) -> dict:
         _save_weights(model, weights)
     last_epoch = losses[-per_epoch:]
     return {"top1": top1(logits.argmax(dim=1), labels), "steps": step, "epochs": step / per_epoch, "lr": lr,
-            "layer_decay": layer_decay, "train_loss": sum(last_epoch) / max(1, len(last_epoch)),
+            "layer_decay": layer_decay, "global_pool": model.global_pool if vit else "avg",
+            "train_loss": sum(last_epoch) / max(1, len(last_epoch)),
             "weights": str(weights),
             "features": {"train": len(ev.splits.train), "test": len(ev.splits.heldout),
                          "train_view": {**ev.crop(p.crop_scale, 0).recipe, "draw": "the epoch"},

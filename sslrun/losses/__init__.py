@@ -11,6 +11,8 @@ from sslrun.losses.dino import (
     centered_teacher_probs, dino_loss, entropy, ibot_patch_loss, koleo_loss, mean_over_batch, sinkhorn_knopp,
     update_center,
 )
+from sslrun.losses.gram import gram_loss
+from sslrun.losses.ijepa import ijepa_loss
 from sslrun.losses.infonce import infonce_batch_loss, infonce_queue_loss
 from sslrun.losses.lejepa import lejepa_loss, random_directions, sigreg_loss
 from sslrun.losses.mae import mae_loss, normalize_patches, patchify, unpatchify
@@ -21,6 +23,6 @@ from sslrun.losses.vicreg import vicreg_loss
 
 __all__ = [
     "barlow_twins_loss", "clip_loss", "siglip_loss", "byol_loss", "centered_teacher_probs", "dino_loss", "entropy", "ibot_patch_loss",
-    "koleo_loss", "mean_over_batch", "sinkhorn_knopp", "update_center", "infonce_batch_loss", "infonce_queue_loss", "negative_cosine_similarity",
+    "koleo_loss", "mean_over_batch", "sinkhorn_knopp", "update_center", "gram_loss", "ijepa_loss", "infonce_batch_loss", "infonce_queue_loss", "negative_cosine_similarity",
     "lejepa_loss", "random_directions", "sigreg_loss", "mae_loss", "normalize_patches", "patchify", "unpatchify", "nnclr_loss", "nt_xent_loss", "swav_loss", "vicreg_loss",
 ]

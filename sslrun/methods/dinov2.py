@@ -2,9 +2,10 @@
 
 import random
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from omegaconf import MISSING
 
 from sslrun.config.errors import require
@@ -12,12 +13,13 @@ from sslrun.config.schema import DINOHeadSpec
 from sslrun.data.masking import batch_masks
 from sslrun.distributed import all_reduce_sum, rank
 from sslrun.losses import (
-    centered_teacher_probs, dino_loss, entropy, ibot_patch_loss, koleo_loss, mean_over_batch, sinkhorn_knopp,
-    update_center,
+    centered_teacher_probs, dino_loss, entropy, gram_loss, ibot_patch_loss, koleo_loss, mean_over_batch,
+    sinkhorn_knopp, update_center,
 )
 from sslrun.methods.base import StepOutput
 from sslrun.methods.dino import DINO, HEADS, DINOConfig
 from sslrun.methods.registry import register_method
+from sslrun.models.ema import MomentumEncoder
 from sslrun.models.heads import DINOHead
 from sslrun.models.vit import MaskToken, class_tokens, patch_tokens
 from sslrun.optim import layerwise_groups
@@ -35,6 +37,15 @@ class IBOTConfig:
 
 
 @dataclass
+class GramConfig:
+    weight: float = MISSING
+    start_step: int = MISSING
+    refresh_every: Optional[int] = MISSING
+    teacher_upscale: int = MISSING
+    clamp_negative: bool = MISSING
+
+
+@dataclass
 class DINOv2Config(DINOConfig):
     centering: str = MISSING
     sinkhorn_iterations: int = MISSING
@@ -43,6 +54,7 @@ class DINOv2Config(DINOConfig):
     layerwise_lr_decay: float = MISSING
     patch_embed_lr_mult: float = MISSING
     ibot: IBOTConfig = field(default_factory=IBOTConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
 
     @classmethod
     def check(cls, cfg):
@@ -54,6 +66,13 @@ class DINOv2Config(DINOConfig):
         require(0 < m.ibot.mask_probability <= 1,
                 f"method.ibot.mask_probability={m.ibot.mask_probability}: must be in (0, 1]")
         require(0 < m.layerwise_lr_decay <= 1, f"method.layerwise_lr_decay={m.layerwise_lr_decay}: must be in (0, 1]")
+        gram = m.gram
+        require(gram.weight >= 0, f"method.gram.weight={gram.weight}: 0 (off) or positive (DINOv3: 2)")
+        require(gram.start_step >= 0, f"method.gram.start_step={gram.start_step}: must be 0 or more")
+        require(gram.refresh_every is None or gram.refresh_every > 0,
+                f"method.gram.refresh_every={gram.refresh_every}: positive, or null (never refreshed)")
+        require(gram.teacher_upscale >= 1, f"method.gram.teacher_upscale={gram.teacher_upscale}: 1 (the global crops' "
+                                           f"size) or more (DINOv3's high-resolution teacher: 2)")
 
 
 IBOT_HEAD = ("method.ibot.head.hidden_dim=32", "method.ibot.head.bottleneck_dim=16", "method.ibot.head.out_dim=24")
@@ -73,7 +92,8 @@ class DINOv2(DINO):
       default) or DINO's centring (`centering=center`);
     - layer-wise lr decay and a patch-embedding lr multiplier (`optimizer_groups`).
 
-    loss = dino_weight * L_dino + ibot.loss_weight * L_ibot + koleo_weight * L_koleo."""
+    loss = dino_weight * L_dino + ibot.loss_weight * L_ibot + koleo_weight * L_koleo
+           (+ gram.weight * L_Gram from step gram.start_step; see `gram_targets`)."""
 
     masks_patches = True  # the student's global crops are masked (distillation: nothing is)
 
@@ -82,6 +102,43 @@ class DINOv2(DINO):
         self.cfg = cfg
         self.register_buffer("ibot_center", torch.zeros(1, self.student_modules()[-1].out_dim))
         self.grid = self.backbone.patch_embed.dynamic_feat_size(self.backbone.patch_embed.img_size)
+        gram = cfg.gram
+        if gram.weight > 0:  # DINOv3's Gram teacher: a frozen copy of the EMA teacher's backbone, loaded later
+            self.gram_teacher = MomentumEncoder([self.teacher_modules()[0]])
+            self.gram_start, self.gram_every = gram.start_step, gram.refresh_every
+
+    def gram_active(self, step: int) -> bool:
+        return self._modules.get("gram_teacher") is not None and step >= self.gram_start
+
+    def gram_refresh_due(self, step: int) -> bool:
+        """The Gram teacher is loaded from the EMA teacher at `gram_start`, then every `gram_every` steps."""
+        if not self.gram_active(step):
+            return False
+        since = step - self.gram_start
+        return since == 0 or (self.gram_every is not None and since % self.gram_every == 0)
+
+    @torch.no_grad()
+    def gram_targets(self, global_views) -> torch.Tensor:
+        """The Gram teacher's patch features of the (unmasked) global crops, [crops * B, patches, D].
+
+        With `gram.teacher_upscale` k > 1 (DINOv3's high-resolution refinement) the teacher sees
+        the crops at k times their size, k x k patches for each of the student's, and its feature
+        map is resized (bicubic) back to the student's grid: smoother, higher-resolution patch
+        similarities to anchor to. DINOv3 draws the teacher's crops from the image at that size;
+        here they are the student's crops upsampled (bicubic)."""
+        backbone, upscale = self.gram_teacher.encoder[0], self.cfg.gram.teacher_upscale
+        student_grid = tuple(self.backbone.patch_embed.dynamic_feat_size(global_views[0].shape[-2:]))
+        if upscale > 1:
+            global_views = [F.interpolate(v, scale_factor=upscale, mode="bicubic", align_corners=False)
+                            for v in global_views]
+        tokens = self.forward_crops(backbone, global_views)
+        patches = torch.cat([patch_tokens(backbone, t) for t in tokens])
+        teacher_grid = tuple(backbone.patch_embed.dynamic_feat_size(global_views[0].shape[-2:]))
+        if teacher_grid != student_grid:
+            feature_map = patches.transpose(1, 2).unflatten(2, teacher_grid)
+            feature_map = F.interpolate(feature_map.float(), size=student_grid, mode="bicubic", align_corners=False)
+            patches = feature_map.flatten(2).transpose(1, 2)
+        return patches
 
     def add_student_parts(self, cfg) -> None:
         width = self.backbone.num_features
@@ -148,6 +205,13 @@ class DINOv2(DINO):
         global_classes = classes[: self.global_crops * batch_size]
         koleo = sum(koleo_loss(c) for c in global_classes.chunk(self.global_crops))
         loss = self.cfg.dino_weight * dino + self.cfg.ibot.loss_weight * ibot + self.cfg.koleo_weight * koleo
+        extra = {}
+        if self.gram_active(self.global_step):
+            if self.gram_refresh_due(self.global_step):
+                self.gram_teacher.update([self.teacher_modules()[0]], 0.0)  # momentum 0: the EMA teacher, copied
+            gram = gram_loss(student_patches, self.gram_targets(globals_), self.cfg.gram.clamp_negative)
+            loss = loss + self.cfg.gram.weight * gram
+            extra = {"gram_loss": gram.detach()}
 
         teacher_entropy = entropy(dino_targets)
         first = classes[:batch_size]
@@ -157,7 +221,7 @@ class DINOv2(DINO):
             "teacher_student_kl": dino.detach() - teacher_entropy.detach(),
             "masked_patches": masks.float().mean(),
             "teacher_temperature": torch.tensor(temperature),
-            **self.ema_metrics(),
+            **self.ema_metrics(), **extra,
         })
 
     def optimizer_groups(self):

@@ -50,6 +50,8 @@ class DINOv2DistillConfig(DINOv2Config):
     @classmethod
     def check(cls, cfg):
         super().check(cfg)
+        require(cfg.method.gram.weight == 0, f"method.gram.weight={cfg.method.gram.weight}: Gram anchoring is "
+                                             f"method=dinov2's (a distilled student follows a frozen teacher already)")
         problem = teacher_problem(cfg)
         require(not problem, problem)
 

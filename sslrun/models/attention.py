@@ -7,8 +7,9 @@ the tokens of its own crop (its *segment*). Each backend computes exactly that:
 
 - `xformers`: `memory_efficient_attention` with a `BlockDiagonalMask` (CUDA kernels only).
 - `flex`: torch `flex_attention` with a block mask built from segment ids (compiled).
-- `sdpa`: torch `scaled_dot_product_attention` run once per run of equal-length segments, as a
-  batch with no mask: the same result as the block-diagonal mask, without materialising it.
+- `sdpa`: torch `scaled_dot_product_attention` run once per run of equal-length segments (or,
+  where equal lengths lie apart, once per length, gathered), as a batch with no mask: the same
+  result as the block-diagonal mask, without materialising it.
 - `math`: the dense block-diagonal mask and an explicit softmax; the reference the others are
   tested against (its mask is O(tokens^2): small inputs only).
 
@@ -20,7 +21,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,20 @@ class Packing:
             start += length
         return runs
 
+    @cached_property
+    def batches(self) -> Tuple[List[Tuple[int, int]], Optional[torch.Tensor]]:
+        """How SDPA takes the segments: (count, length) per batch of equal-length segments, and the
+        token order that makes each batch contiguous (None: the runs of adjacent equal lengths are
+        the batches). Equal lengths lying apart (I-JEPA's segments) are gathered into one batch,
+        so a length costs one call however its segments are spread."""
+        groups = {}
+        for segment, length in enumerate(self.lengths):
+            groups.setdefault(length, []).append(segment)
+        if len(groups) == len(self.runs):
+            return [(count, length) for _, count, length in self.runs], None
+        order = torch.cat([self.token_index(torch.tensor(segments)) for segments in groups.values()])
+        return [(len(segments), length) for length, segments in groups.items()], order
+
     def segment_ids(self, device) -> torch.Tensor:
         lengths = torch.tensor(self.lengths, device=device)
         return torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
@@ -84,15 +99,22 @@ def math_attention(q, k, v, packing: Packing) -> torch.Tensor:
 
 
 def sdpa_attention(q, k, v, packing: Packing) -> torch.Tensor:
-    outputs = []
-    for first, count, length in packing.runs:
-        def segments(t):  # [1, H, count * length, D] -> [count, H, length, D]
-            part = t[0, :, first:first + count * length]
-            return part.unflatten(1, (count, length)).transpose(0, 1)
+    batches, order = packing.batches
+    sizes = [count * length for count, length in batches]
+    if order is not None:
+        order = order.to(q.device)
 
-        out = F.scaled_dot_product_attention(segments(q), segments(k), segments(v))
-        outputs.append(out.transpose(0, 1).flatten(1, 2))
-    return torch.cat(outputs, dim=1).unsqueeze(0)
+    def segments(t):  # [1, H, tokens, D] -> per batch [count, H, length, D]
+        t = t[0] if order is None else t[0].index_select(1, order)
+        return [part.unflatten(1, (count, length)).transpose(0, 1)
+                for part, (count, length) in zip(t.split(sizes, dim=1), batches)]
+
+    outputs = [F.scaled_dot_product_attention(*qkv).transpose(0, 1).flatten(1, 2)
+               for qkv in zip(segments(q), segments(k), segments(v))]
+    out = torch.cat(outputs, dim=1)
+    if order is not None:  # back to the packed order
+        out = torch.empty_like(out).index_copy(1, order, out)
+    return out.unsqueeze(0)
 
 
 FLEX_BLOCK = 128  # flex_attention's default sparse block size (tokens per query / key block)

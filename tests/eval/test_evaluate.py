@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from sslrun.config import ConfigError
 from sslrun.evaluate import evaluate_run
 from sslrun.run_dir import RunDir
 from tests.conftest import REPO, run_cli
@@ -159,10 +160,13 @@ def test_finetuning_moves_the_backbone(toy_run):
     assert set(after) - set(before) == {"fc.weight", "fc.bias"} and after["fc.weight"].shape == (3, 8)
     moved = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
     assert "conv1.weight" in moved and "layer4.1.conv2.weight" in moved
+    with pytest.raises(ConfigError, match="protocol.global_pool=avg: only a ViT pools a choice of tokens"):
+        evaluate_run(toy_run, "finetune", [*FAST, "protocol.batch_size=16", "protocol.global_pool=avg"])
 
 
 def test_weights_of_a_vit_finetune_with_layer_decay(tmp_path, toy_data):
-    from safetensors.torch import save_file
+    """A ViT fine-tunes with MAE's layer-wise decay, from its class token or (global_pool=avg) its patch mean."""
+    from safetensors.torch import load_file, save_file
 
     from sslrun.config import compose
     from sslrun.models.backbones import build_backbone
@@ -177,6 +181,13 @@ def test_weights_of_a_vit_finetune_with_layer_decay(tmp_path, toy_data):
                                             "protocol.batch_size=16"])
     assert result["steps"] == 2 and result["layer_decay"] == 0.75 and RunDir(out).eval_result("finetune").is_file()
     assert result["source"]["method"] is None and result["source"]["backbone"]["timm_kwargs"]["depth"] == 2
+    assert result["global_pool"] == "token"  # the backbone's own head reads the class token
+    averaged = evaluate_run(tmp_path / "avg", "finetune", [*FAST, f"weights={weights}", *overrides, *vit,
+                                                           "protocol.max_steps=2", "protocol.batch_size=16",
+                                                           "protocol.global_pool=avg"])
+    assert averaged["global_pool"] == "avg" and averaged["settings"]["global_pool"] == "avg"
+    heads = [load_file(r["weights"])["head.weight"] for r in (result, averaged)]
+    assert not torch.equal(*heads)  # the same seeded head, trained on other features
 
 
 def _evaluate_in_a_process_group(rank, world, run_dir, protocols):

@@ -202,6 +202,27 @@ def test_math_attention_is_per_segment_softmax_attention():
         torch.testing.assert_close(out[..., start:end, :], weights @ v[..., start:end, :])
 
 
+@pytest.mark.parametrize("lengths", [(3, 3, 5, 2, 2), (3, 5, 3, 2, 5, 3, 1)])
+def test_sdpa_attention_is_math_attention_for_adjacent_and_scattered_equal_lengths(lengths):
+    """Runs of adjacent equal lengths are sliced; equal lengths apart (I-JEPA's segments) are
+    gathered per length: outputs and gradients are the reference's either way."""
+    from sslrun.models.attention import sdpa_attention
+
+    g = torch.Generator().manual_seed(1)
+    packing = Packing(lengths)
+    q, k, v = (torch.randn(1, 2, packing.total, 8, generator=g).requires_grad_(True) for _ in range(3))
+    weights = torch.randn(1, 2, packing.total, 8, generator=g)
+    results = []
+    for attention in (math_attention, sdpa_attention):
+        out = attention(q, k, v, packing)
+        grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+        results.append((out, grads))
+    (expected, expected_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_efficient_stochastic_depth_runs_the_branch_on_kept_segments_only():
     torch.manual_seed(3)
     packing = Packing((3, 3, 2, 2, 2, 2))

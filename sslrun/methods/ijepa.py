@@ -1,0 +1,170 @@
+"""I-JEPA (Assran et al. 2023, "Self-Supervised Learning from Images with a Joint-Embedding
+Predictive Architecture"): from one context block of an image, predict the representations a
+momentum target encoder gives several target blocks of the same image. No augmentation but a crop,
+no pixels, no negatives."""
+
+import random
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+
+from sslrun.config.errors import require
+from sslrun.config.schema import Schema, TokenPredictorSpec, require_unit_interval
+from sslrun.data.masking import ContextAndTargets, multiblock_masks
+from sslrun.distributed import rank, world_size
+from sslrun.losses import ijepa_loss
+from sslrun.methods.base import SSLMethod, StepOutput
+from sslrun.methods.registry import register_method
+from sslrun.methods.teacher import MomentumTeacher
+from sslrun.models.predictor import NO_POSITION, TokenPredictor
+from sslrun.models.vit import packed_forward, patch_tokens, require_packing
+
+
+@dataclass
+class IJEPAConfig(Schema):
+    name: str = MISSING
+    targets: int = MISSING
+    target_scale: List[float] = MISSING
+    target_aspect: List[float] = MISSING
+    context_scale: List[float] = MISSING
+    loss: str = MISSING
+    momentum: float = MISSING
+    final_momentum: float = MISSING
+    predictor: TokenPredictorSpec = field(default_factory=TokenPredictorSpec)
+
+    @classmethod
+    def check(cls, cfg):
+        m = cfg.method
+        require(cfg.backbone.attention is not None,
+                f"method=ijepa: backbone={cfg.backbone.name} is not a ViT; I-JEPA predicts patch tokens "
+                f"(backbone=vit_small, vit_base, ...)")
+        require(m.targets >= 1, f"method.targets={m.targets}: at least 1 (the paper: 4)")
+        for key in ("target_scale", "context_scale", "target_aspect"):
+            low, high = (list(m[key]) + [None, None])[:2]
+            require(len(m[key]) == 2 and 0 < low <= high and (key == "target_aspect" or high <= 1),
+                    f"method.{key}={list(m[key])}: need [low, high] with 0 < low <= high"
+                    f"{'' if key == 'target_aspect' else ' <= 1'}")
+        require(m.targets * m.target_scale[1] < 1,
+                f"method.targets={m.targets} x method.target_scale[1]={m.target_scale[1]}: the targets could cover "
+                f"the whole image and leave no context; fewer or smaller targets")
+        require(m.loss in ("smooth_l1", "l2"), f"method.loss={m.loss}: smooth_l1 (the reference code's) or l2 "
+                                               f"(the paper's)")
+        require_unit_interval(m, "method", "momentum", "final_momentum")
+        TokenPredictorSpec.check_spec(m.predictor, "method.predictor")
+
+
+@register_method("ijepa", IJEPAConfig, views=1,
+                 test_overrides=("method.predictor.width=32", "method.predictor.depth=1", "method.predictor.heads=2"))
+class IJEPA(SSLMethod):
+    """Per image `multiblock_masks` draws `targets` target blocks and a context block without
+    them. The context encoder (the backbone) runs on the context patches only (the packed pass
+    with `keep`); the target encoder, an EMA of it (`momentum` -> `final_momentum` on a cosine),
+    runs on the whole image. For each (image, target block) the predictor
+    (`models.predictor.TokenPredictor`, output at the encoder's width) takes the context tokens at
+    their positions and a mask token at each target position, and `losses.ijepa_loss` regresses
+    the target encoder's layer-normalised tokens there. Every (image, block) is one segment of one
+    packed sequence, whatever its length: nothing is padded or truncated.
+
+    The masks are drawn for the whole global batch and each process takes its images, so N
+    processes mask each image as one process would, and the loss is averaged over the global
+    batch's target patches (processes hold different counts). The online probe, the collapse monitor and
+    every evaluation see the target encoder (the paper evaluates it), its patch tokens averaged:
+    the YAML builds the ViT without a class token, as the paper's is."""
+
+    def __init__(self, cfg, **base):
+        super().__init__(**base)
+        require_packing(self.backbone, "ijepa")
+        self.cfg = cfg
+        embed = self.backbone.patch_embed
+        self.grid = tuple(embed.dynamic_feat_size(embed.img_size))
+        width = self.backbone.num_features
+        self.predictor = TokenPredictor(width, cfg.predictor.width, cfg.predictor.depth, cfg.predictor.heads,
+                                        width, self.grid, self.backbone.block_diagonal_attention)
+        self.target = MomentumTeacher([self.backbone], cfg.momentum, cfg.final_momentum,
+                                      self.lr_schedule.total_steps)
+
+    @property
+    def eval_backbone(self):
+        return self.target.encoder[0]
+
+    def draw_masks(self, images: int, generator: random.Random = None) -> List[ContextAndTargets]:
+        """Masks for `images` images, from the torch seed (shared by the processes, so each draws
+        the global batch's masks alike and takes its own)."""
+        generator = generator or random.Random(int(torch.randint(2 ** 62, ())))
+        m = self.cfg
+        return multiblock_masks(images, self.grid, m.targets, m.target_scale, m.target_aspect, m.context_scale,
+                                generator)
+
+    def predict(self, images: torch.Tensor, masks: Sequence[ContextAndTargets]) -> torch.Tensor:
+        """The predictor's outputs at every target patch, [sum of the blocks' sizes, D]: image by
+        image, block by block, each block's patches in its order."""
+        device, prefix = images.device, self.backbone.num_prefix_tokens
+        context = [mask.context.to(device) for mask in masks]
+        encoded = packed_forward(self.backbone, [images], keep=[context])[0]
+        lengths = [prefix + len(c) for c in context]
+        starts = np.cumsum([0] + lengths[:-1])
+        positions = torch.cat([torch.cat([torch.full((prefix,), NO_POSITION, device=device), c + 1])
+                               for c in context])
+        # One segment per (image, block): the image's context rows, then the block's queries.
+        rows = torch.cat([torch.arange(start, start + length, device=device)
+                          for start, length, mask in zip(starts, lengths, masks) for _ in mask.targets])
+        blocks = [block.to(device) for mask in masks for block in mask.targets]
+        return self.predictor(encoded[rows], positions[rows],
+                              [length for length, mask in zip(lengths, masks) for _ in mask.targets],
+                              torch.cat(blocks) + 1, [len(block) for block in blocks])
+
+    def target_tokens(self, images: torch.Tensor, masks: Sequence[ContextAndTargets]):
+        """(the target encoder's patch tokens at every target patch, in `predict`'s order; its
+        patch tokens averaged per image, the evaluated feature)."""
+        backbone = self.eval_backbone
+        with torch.no_grad():
+            tokens = patch_tokens(backbone, packed_forward(backbone, [images])[0])
+        picked = torch.cat([tokens[i, block.to(tokens.device)] for i, mask in enumerate(masks)
+                            for block in mask.targets])
+        return picked, tokens.mean(dim=1)
+
+    def training_loss(self, batch: dict) -> StepOutput:
+        images = batch["views"][0]
+        local, world = images.shape[0], world_size()
+        every = self.draw_masks(local * world)
+        masks = every[rank() * local:(rank() + 1) * local]
+        targets, pooled = self.target_tokens(images, masks)
+        patches = sum(len(block) for mask in every for block in mask.targets) / world
+        loss = ijepa_loss(self.predict(images, masks), targets, self.cfg.loss, patches)
+        context = torch.tensor([float(len(mask.context)) for mask in masks]).mean()
+        return StepOutput(loss, pooled, pooled, {**self.target.metrics(self.global_step), "context_patches": context})
+
+    def after_optimizer_step(self) -> None:
+        self.target.follow([self.backbone], self.global_step)
+
+    @torch.no_grad()
+    def method_pictures(self, images: torch.Tensor, inputs: torch.Tensor, augment) -> Dict[str, object]:
+        """Rows of (image, its context, its target blocks) for held-out images with fixed masks:
+        the context's patches as they are and the rest grey; each target block tinted a colour
+        of its own (overlaps take the later one)."""
+        from sslrun.eval.pictures import grid
+
+        masks = self.draw_masks(images.shape[0], random.Random(0))
+        patch = self.backbone.patch_embed.patch_size[0]
+        rgb = images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+        rows = []
+        for image, mask in zip(rgb, masks):
+            context = np.full_like(image, 127.0)
+            tinted = image * 0.35
+            for index in mask.context.tolist():
+                r, c = divmod(index, self.grid[1])
+                context[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = image[r * patch:(r + 1) * patch,
+                                                                                      c * patch:(c + 1) * patch]
+            for colour, block in zip(_COLOURS * len(mask.targets), mask.targets):
+                for index in block.tolist():
+                    r, c = divmod(index, self.grid[1])
+                    cell = image[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+                    tinted[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = 0.5 * cell + 0.5 * colour
+            rows.append([np.ascontiguousarray(x.clip(0, 255).round().astype(np.uint8)) for x in (image, context, tinted)])
+        return {"context_and_targets": grid(rows)}
+
+
+_COLOURS = [np.array(c, dtype=np.float32) for c in ((230, 60, 60), (60, 170, 60), (60, 100, 230), (230, 180, 40))]
