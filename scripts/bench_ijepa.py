@@ -64,7 +64,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     cfg = compose(["method=ijepa", "recipe=none", f"backbone={args.backbone}", "data=imagefolder",
                    "data.root=synthetic", f"data.image_size={args.image_size}", f"data.batch_size={args.batch}",
                    "method.predictor.width=192", "method.predictor.depth=6", "method.predictor.heads=6"])
