@@ -149,20 +149,19 @@ class IJEPA(SSLMethod):
 
         masks = self.draw_masks(images.shape[0], random.Random(0))
         patch = self.backbone.patch_embed.patch_size[0]
+
+        def pixels(indices: torch.Tensor) -> np.ndarray:  # the patches' pixels, [H, W, 1] (bool)
+            cells = np.zeros(self.grid[0] * self.grid[1], dtype=bool)
+            cells[indices.numpy()] = True
+            return np.kron(cells.reshape(self.grid), np.ones((patch, patch), dtype=bool))[..., None]
+
         rgb = images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
         rows = []
         for image, mask in zip(rgb, masks):
-            context = np.full_like(image, 127.0)
+            context = np.where(pixels(mask.context), image, 127.0)
             tinted = image * 0.35
-            for index in mask.context.tolist():
-                r, c = divmod(index, self.grid[1])
-                context[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = image[r * patch:(r + 1) * patch,
-                                                                                      c * patch:(c + 1) * patch]
             for colour, block in zip(_COLOURS * len(mask.targets), mask.targets):
-                for index in block.tolist():
-                    r, c = divmod(index, self.grid[1])
-                    cell = image[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
-                    tinted[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = 0.5 * cell + 0.5 * colour
+                tinted = np.where(pixels(block), 0.5 * image + 0.5 * colour, tinted)
             rows.append([np.ascontiguousarray(x.clip(0, 255).round().astype(np.uint8)) for x in (image, context, tinted)])
         return {"context_and_targets": grid(rows)}
 
