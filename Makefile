@@ -47,6 +47,8 @@ bench: install data peers
 	$(BIN)/python scripts/bench_multicrop.py
 	$(BIN)/python scripts/bench_memory.py
 	$(BIN)/python scripts/bench_ijepa.py
+	$(BIN)/python scripts/bench_loader.py
+	$(BIN)/python scripts/bench_compile.py
 	$(BIN)/python scripts/bench_peers.py $(PEERS_ARGS)
 
 # Every registered method at a suite's budget, offline kNN and linear, 3 seeds -> docs/results.md

@@ -34,6 +34,7 @@ from sslrun.data.tokenizer import Tokenizer
 from sslrun.distributed import convert_to_global_bn
 from sslrun.distributed.checkpoint import (AtomicCheckpointIO, AtomicShardedStrategy, full_state_dict,
                                            is_complete_sharded_checkpoint, tensor_bytes)
+from sslrun.distributed.compile import compile_method, on_cuda, set_tf32, use_channels_last
 from sslrun.distributed.safe_load import check_checkpoint, pickle_parses
 from sslrun.failures import Diverged, RunFailure, write_failed
 from sslrun.launch.requeue import Requeue, check_requeue_signal
@@ -172,7 +173,8 @@ def build_data(cfg: DictConfig) -> Data:
 
 def build_method(cfg: DictConfig, lr_schedule: WarmupCosine, num_classes: Optional[int],
                  steps_per_epoch: int) -> L.LightningModule:
-    """The method `cfg.method.name` names, on its backbone, with global BN when asked for.
+    """The method `cfg.method.name` names, on its backbone, with global BN, and compiled, TF32 and
+    channels-last (on CUDA) as `cfg.trainer` asks.
 
     `steps_per_epoch` turns the schedules given in epochs (DINO's) into steps."""
     method = registered()[cfg.method.name].cls(
@@ -187,6 +189,12 @@ def build_method(cfg: DictConfig, lr_schedule: WarmupCosine, num_classes: Option
     )
     if cfg.trainer.sync_batchnorm and world_size(cfg) > 1:
         convert_to_global_bn(method)
+    if on_cuda(cfg.trainer.accelerator):
+        set_tf32(cfg.trainer.tf32)
+        if cfg.trainer.channels_last:
+            use_channels_last(method)
+    if cfg.trainer.compile.enabled:
+        compile_method(method, cfg.trainer.compile.backend, cfg.trainer.compile.mode)
     return method
 
 
@@ -213,7 +221,8 @@ def build_callbacks(cfg: DictConfig, layout: RunDir, data: Data, method: L.Light
                   if cfg.eval.pictures and is_vit(method.backbone) and has_images_to_draw else None),
         collapse=CollapseMonitor(),
         nonfinite=guard,
-        throughput=Throughput(cfg.data.batch_size),
+        throughput=Throughput(cfg.data.batch_size, cfg.trainer.precision,
+                              OmegaConf.select(cfg, "trainer.fsdp.param_dtype")),
         checkpoints=StepCheckpoints(
             guard.pause_checkpoints,
             dirpath=layout.checkpoints,
@@ -391,6 +400,7 @@ def summarize(run: Run) -> dict:
         "linear_probe_top1": results.get("linear_probe_top1"),
         "eval_protocol": own.evaluation.protocol() if own.evaluation is not None else "no online evaluation",
         "images_per_sec": own.throughput.images_per_sec,
+        **own.throughput.summary(),  # flops_per_step, tflops_per_sec, mfu, peak_tflops, mfu_protocol
         **peak,
         "wall_time_sec": time.time() - run.started,
         "world_size": trainer.world_size,

@@ -15,9 +15,24 @@ from tests.processes import start_cli_process
 pytestmark = [pytest.mark.slow, needs_fashion_mnist]
 
 SUMMARY_KEYS = {"method", "backbone", "data", "global_step", "train_loss", "knn_top1", "knn_top1_random_init",
-                "knn_top1_pixels", "linear_probe_top1", "eval_protocol", "images_per_sec", "peak_memory_mb",
+                "knn_top1_pixels", "linear_probe_top1", "eval_protocol", "images_per_sec", "flops_per_step",
+                "tflops_per_sec", "mfu", "peak_tflops", "mfu_protocol", "peak_memory_mb",
                 "wall_time_sec", "checkpoint", "lr", "global_batch_size", "skipped_images", "status", "reason",
                 "skipped_steps"}
+
+
+def tiny_step_flops(images):
+    """count_flops of one TINY SimCLR training step (forward and backward, the online probe's
+    included) on `images` image pairs at 28 px, the method built apart from any run."""
+    from sslrun.config import compose
+    from sslrun.models.flops import count_flops
+    from sslrun.train import build_method, lr_schedule
+
+    cfg = compose(TINY)
+    method = build_method(cfg, lr_schedule(cfg, 60000)[0], num_classes=10, steps_per_epoch=937)
+    batch = {"views": [torch.randn(images, 1, 28, 28) for _ in range(2)], "label": torch.randint(0, 10, (images,)),
+             "index": torch.arange(images)}
+    return count_flops(lambda: method.training_step(batch, 0)["loss"].backward())
 
 
 def assert_learned(run_dir, steps):
@@ -38,6 +53,10 @@ def test_single_process_run_learns_and_reports(tmp_path):
     result = run_cli(*TINY, "trainer.max_steps=40", "scheduler.warmup_epochs=0.01", f"hydra.run.dir={tmp_path}")
     summary = assert_learned(tmp_path, 40)
     assert summary["world_size"] == 1 and summary["global_batch_size"] == 64
+    assert summary["flops_per_step"] == tiny_step_flops(64) > 0
+    assert summary["tflops_per_sec"] > 0
+    assert summary["mfu"] is None and summary["peak_tflops"] is None  # no peak is known for the CPU
+    assert "no peak known for cpu" in summary["mfu_protocol"]
     assert summary["lr"] == pytest.approx(0.075 * 8)  # the quick recipe's rule: 0.075 * sqrt(batch)
     assert "lr = 0.075 x sqrt(64) = 0.6" in result.stdout + result.stderr  # effective lr logged
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
@@ -54,6 +73,10 @@ def test_ddp_on_two_processes_shards_the_data_and_learns(tmp_path):
     run_cli(str(tmp_path), *overrides, script=str(REPO / "tests" / "ddp_script.py"))
     summary = read_summary(tmp_path)
     assert summary["world_size"] == 2 and summary["global_step"] == 30
+    # Per process: the count of a 32-image step (half the global batch), but for NT-Xent's
+    # anchors x candidates matmul, whose candidates are the gathered 2 x 64 rows, not 2 x 32:
+    # forward and both operands' gradients, 3 x 2 x 64 anchors x 64 more candidates x 64 dims.
+    assert summary["flops_per_step"] == tiny_step_flops(32) + 3 * 2 * 64 * 64 * 64
     assert summary["knn_top1"] > summary["knn_top1_random_init"] + 0.1, summary
     ranks = [torch.load(tmp_path / f"indices_rank{r}.pt") for r in range(2)]
     assert [len(r) for r in ranks] == [30 * 32, 30 * 32]  # 64 global = 32 per process

@@ -103,6 +103,13 @@ class PredictorHeads(Schema):
 ATTENTION_BACKENDS = ("auto", "xformers", "flex", "sdpa", "math")
 
 
+# timm.create_model arguments sslrun sets itself, and what to do instead.
+SET_BY_SSLRUN = {"drop_path_rate": "set backbone.drop_path_rate instead",
+                 "in_chans": "set by data.channels; remove it",
+                 "num_classes": "sslrun builds the backbone without a classifier; remove it",
+                 "pretrained": "sslrun downloads no weights; remove it"}
+
+
 @dataclass
 class BackboneConfig(Schema):
     name: str = MISSING
@@ -114,6 +121,8 @@ class BackboneConfig(Schema):
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
         b = cfg.backbone
+        for key, fix in SET_BY_SSLRUN.items():
+            require(key not in b.timm_kwargs, f"backbone.timm_kwargs.{key}: {fix}")
         require(b.attention is None or b.attention in ATTENTION_BACKENDS,
                 f"backbone.attention={b.attention}: choose one of: {', '.join(ATTENTION_BACKENDS)}")
         patch = b.timm_kwargs.get("patch_size")
@@ -125,6 +134,9 @@ class BackboneConfig(Schema):
 
 
 # ---------------------------------------------------------------------------- data
+DECODERS = ("cpu", "device")  # where training images are decoded and cropped: loader workers, training device
+
+
 @dataclass
 class DataConfig(Schema):
     name: str = MISSING
@@ -140,6 +152,7 @@ class DataConfig(Schema):
     num_workers: Optional[int] = MISSING
     pin_memory: Optional[bool] = MISSING
     persistent_workers: bool = MISSING
+    decode: str = MISSING  # one of DECODERS
 
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
@@ -161,6 +174,10 @@ class DataConfig(Schema):
         require(0 < d.eval_crop_fraction <= 1, f"data.eval_crop_fraction={d.eval_crop_fraction}: must be in (0, 1]")
         require(d.num_workers is None or d.num_workers >= 0,
                 f"data.num_workers={d.num_workers}: must be >= 0 (or null for automatic)")
+        require(d.decode in DECODERS, f"data.decode={d.decode}: choose one of: {', '.join(DECODERS)}")
+        require(d.decode == "cpu" or d.name == "imagefolder",
+                f"data.decode={d.decode}: only data=imagefolder decodes on the device (JPEG files); "
+                f"data={d.name} needs data.decode=cpu")
 
 
 @dataclass
@@ -316,6 +333,14 @@ SCHEDULERS: Dict[str, type] = {"warmup_cosine": WarmupCosineConfig}
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
 NONFINITE_POLICIES = ("stop", "skip")  # callbacks/nonfinite.py
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class CompileOptions:
+    enabled: bool = MISSING
+    backend: str = MISSING
+    mode: str = MISSING
 FSDP_PARAM_DTYPES = ("bf16", "fp16")
 
 
@@ -338,6 +363,9 @@ class TrainerConfig(Schema):
     keep_checkpoints: int = MISSING
     progress_bar: bool = MISSING
     requeue_signal: str = MISSING
+    compile: CompileOptions = field(default_factory=CompileOptions)
+    tf32: bool = MISSING
+    channels_last: bool = MISSING
 
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
@@ -363,6 +391,14 @@ class TrainerConfig(Schema):
                 f"trainer.checkpoint_every_n_steps={t.checkpoint_every_n_steps}: must be at least 1")
         require(signal_number(t.requeue_signal) is not None,
                 f"trainer.requeue_signal={t.requeue_signal}: not a signal; e.g. USR1, USR2, TERM")
+        require(t.compile.mode in COMPILE_MODES,
+                f"trainer.compile.mode={t.compile.mode}: choose one of: {', '.join(COMPILE_MODES)}")
+        if t.compile.enabled:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            require(t.compile.backend in backends, f"trainer.compile.backend={t.compile.backend}: not a torch.compile "
+                                                   f"backend here; choose one of: {', '.join(backends)}")
 
 
 @dataclass

@@ -1,4 +1,6 @@
 """The DataModule: datasets -> per-image crops (workers) -> collate -> batched photometric views.
+(With data.decode=device the workers only read the files; decoding and crops join the batched
+step on the device: see decode.py.)
 
 A training batch is a dict (see shared/design.md): `views`, a list of float tensors [B, C, H, W],
 one per crop, global crops first; `label` [B] (-1 where unknown); `index` [B], the sample's
@@ -24,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sslrun.data.augment import PhotometricAugment
+from sslrun.data.decode import DeviceCrops
 from sslrun.data.datasets import (IMAGE_MODES, CaptionFile, ClassCaptions, DataError, Shards, Splits, build_splits,
                                    open_image)
 from sslrun.data.shards import ShardStream
@@ -72,6 +75,19 @@ class TrainingViews(Dataset):
         if self.captions is not None:
             sample += (self.captions.tokens(item[2], generator),)
         return sample
+
+
+class EncodedViews(TrainingViews):
+    """data.decode=device, item (epoch, index): the file's bytes (see `ImageFiles.encoded`), its
+    crop boxes and photometric parameters drawn as TrainingViews draws them, label, index, epoch
+    and the index of the file read; `DeviceCrops` decodes and cuts the batch."""
+
+    def __getitem__(self, key):
+        epoch, index = key
+        array, (width, height), label, file = self.base.encoded(index)
+        generator = sample_generator(self.seed, epoch, index)
+        boxes = torch.tensor(self.crops.boxes(width, height, generator))
+        return array, boxes, self.augment.draw(generator), label, index, epoch, file
 
 
 class EvalViews(Dataset):
@@ -147,6 +163,18 @@ def collate_views(samples):
     return batch
 
 
+def collate_encoded(samples):
+    arrays, boxes, params, labels, indices, epochs, files = zip(*samples)
+    return {
+        # numpy arrays: the batch transfer leaves them where decode_jpeg wants them, on the CPU
+        "encoded": {"data": list(arrays), "boxes": torch.stack(boxes), "epoch": torch.tensor(epochs),
+                    "file": torch.tensor(files)},
+        "photometric": [torch.stack(view) for view in zip(*params)],
+        "label": torch.tensor(labels, dtype=torch.long),
+        "index": torch.tensor(indices, dtype=torch.long),
+    }
+
+
 def collate_eval(samples):
     images, labels = [part for part in zip(*samples)][:2]
     batch = (torch.stack(images), torch.tensor(labels, dtype=torch.long))
@@ -182,11 +210,19 @@ class SSLDataModule(L.LightningDataModule):
             data_cfg.num_workers if data_cfg.num_workers is not None else default_num_workers(processes_per_node)
         )
         self.augment = PhotometricAugment(views_cfg, data_cfg.mean, data_cfg.std)
+        self.device_crops: Optional[DeviceCrops] = None  # data.decode=device, once the training loader exists
         self.splits: Optional[Splits] = None
         self.stream: Optional[ShardStream] = None  # data=webdataset, once its loader exists
 
+    @property
+    def decodes_on_device(self) -> bool:
+        """data.decode=device (which validation allows for image folders only)."""
+        return self.cfg.name == "imagefolder" and self.cfg.decode == "device"
+
     def load(self) -> Splits:
         """Open the data set (cheap checks first: called before training starts)."""
+        if self.decodes_on_device and self.captions is not None:
+            raise DataError("data.decode=device: image-text methods decode on the CPU; use data.decode=cpu")
         if self.splits is None:
             self.splits = build_splits(self.cfg)
             if self.captions is not None:
@@ -242,6 +278,10 @@ class SSLDataModule(L.LightningDataModule):
         sampler = GlobalBatchSampler(len(train), self.per_process_batch, self.processes, rank, self.seed)
         if self.resume is not None:
             sampler.resume_at(*self.resume)
+        if self.decodes_on_device:
+            views = EncodedViews(train, views.crops, self.augment, self.seed)
+            self.device_crops = DeviceCrops(views, self.cfg.channels)
+            return self._loader(views, self.per_process_batch, collate_encoded, sampler)
         return self._loader(views, self.per_process_batch, collate_views, sampler)
 
     def _stream_loader(self, shards: Shards, views: TrainingViews, rank: int) -> DataLoader:
@@ -309,6 +349,8 @@ class SSLDataModule(L.LightningDataModule):
         return torch.stack([view(source[i][0]) for i in range(min(count, len(source)))])
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, dict) and "encoded" in batch:
+            batch["views"] = self.device_crops(batch)
         if isinstance(batch, dict) and "views" in batch:
             batch["views"] = self.augment(batch["views"], batch.pop("photometric"))
         return batch

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -73,9 +73,14 @@ class SkipUnreadable:
             try:
                 return load(candidate)
             except Exception as error:  # PIL raises many types for bad files
-                self._bad[candidate] = True
-                log.warning("skipping unreadable image %s (%s)", describe(candidate), why_unreadable(error))
+                self.flag(candidate, describe(candidate), error)
         raise DataError("no readable image left in the data set")
+
+    def flag(self, index: int, name: str, error: Exception) -> None:
+        """Mark item `index` unreadable (also where it failed after `read`: data.decode=device
+        decodes in the training process) and say why."""
+        self._bad[index] = True
+        log.warning("skipping unreadable image %s (%s)", name, why_unreadable(error))
 
 
 def why_unreadable(error: Exception) -> str:
@@ -95,6 +100,17 @@ def open_image(source, mode: str) -> Image.Image:
         if image.mode.startswith("I;16"):
             image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
         return image.convert(mode)
+
+
+def read_encoded(path: str, mode: str) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """A JPEG file as its bytes, uint8 [N], and its (width, height) from the header (PIL reads
+    nothing more until asked); any other format decoded here in `mode`, uint8 [H, W(, C)]: what
+    data.decode=device hands the training device to decode and crop."""
+    with Image.open(path) as image:
+        if image.format == "JPEG":
+            return np.fromfile(path, dtype=np.uint8), image.size
+    image = open_image(path, mode)
+    return np.array(image), image.size
 
 
 def _names(names: List[str]) -> str:
@@ -153,6 +169,12 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int):
         return self.reader.read(index, lambda i: self.samples[i][0],
                                 lambda i: (open_image(self.samples[i][0], self.mode), self.samples[i][1]))
+
+    def encoded(self, index: int) -> tuple:
+        """Item `index` for data.decode=device: (`read_encoded`'s array, (width, height), label, the
+        index of the file read: the next readable one where `index`'s is not)."""
+        return self.reader.read(index, lambda i: self.samples[i][0],
+                                lambda i: (*read_encoded(self.samples[i][0], self.mode), self.samples[i][1], i))
 
 
 class CaptionFile(Dataset):

@@ -60,7 +60,10 @@ def random_resized_crop_box(width: int, height: int, scale: Tuple[float, float],
 
 
 class MultiCrop:
-    """Cut every crop of a recipe from one image: global crops first, in spec order."""
+    """Cut every crop of a recipe from one image: global crops first, in spec order.
+
+    `boxes` draws the crops' geometry from the image's size alone, so data.decode=device draws the
+    same boxes from a JPEG header that the CPU path draws from the decoded image."""
 
     def __init__(self, views: Sequence):
         self.crops: List[Tuple[int, Tuple[float, float], Tuple[float, float], float]] = [
@@ -69,14 +72,24 @@ class MultiCrop:
             for _ in range(int(v.count))
         ]
 
+    @property
+    def sizes(self) -> List[int]:
+        return [size for size, *_ in self.crops]
+
+    def boxes(self, width: int, height: int, generator: torch.Generator) -> List[Tuple[int, int, int, int, int]]:
+        """(top, left, height, width, flipped) of every crop, drawn with `generator`."""
+        return [(*random_resized_crop_box(width, height, scale, ratio, generator),
+                 int(float(torch.rand(1, generator=generator)) < flip_p))
+                for _, scale, ratio, flip_p in self.crops]
+
     def __call__(self, image: Image.Image, generator: torch.Generator) -> List[torch.Tensor]:
-        return [self._crop(image, *crop, generator) for crop in self.crops]
+        return [self._cut(image, size, box) for size, box in zip(self.sizes, self.boxes(*image.size, generator))]
 
     @staticmethod
-    def _crop(image, size, scale, ratio, flip_p, generator) -> torch.Tensor:
-        top, left, height, width = random_resized_crop_box(*image.size, scale, ratio, generator)
+    def _cut(image: Image.Image, size: int, box: Tuple[int, int, int, int, int]) -> torch.Tensor:
+        top, left, height, width, flipped = box
         crop = image.resize((size, size), Image.BILINEAR, box=(left, top, left + width, top + height))
-        if float(torch.rand(1, generator=generator)) < flip_p:
+        if flipped:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         return to_tensor(crop)
 

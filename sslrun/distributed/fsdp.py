@@ -65,7 +65,7 @@ def checkpoint_activations(backbone: nn.Module) -> None:
                 setattr(unit, name, functools.partial(checkpoint, getattr(unit, name), use_reentrant=False))
 
 
-def _is_container(module: nn.Module) -> bool:
+def is_container(module: nn.Module) -> bool:
     """Holds modules that are called one by one (or in order), not run as one unit."""
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or type(module) is nn.Sequential:
         return True
@@ -99,7 +99,7 @@ def shard_method(method: nn.Module, options: dict, activation_checkpointing: boo
             if activation_checkpointing and not frozen:
                 checkpoint_activations(module)
             shard_backbone(module, **kwargs)
-        elif _is_container(module):
+        elif is_container(module):
             for child in module.children():
                 visit(child)
         else:

@@ -30,7 +30,8 @@ from sslrun.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
-LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "pin_memory", "persistent_workers", "download")
+LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "pin_memory", "persistent_workers", "download",
+               "decode")
 Features = Tuple[torch.Tensor, torch.Tensor]  # (features [N, D], labels [N])
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from sslrun.config.schema import ATTENTION_BACKENDS as BACKENDS
 from sslrun.config import ConfigError
+from sslrun.models.flops import counting
 
 log = logging.getLogger(__name__)
 
@@ -251,4 +252,20 @@ class BlockDiagonalAttention:
         return self.name
 
     def __call__(self, q, k, v, packing: Packing) -> torch.Tensor:
-        return IMPLEMENTATIONS[self.resolve(q.device)](q, k, v, packing)
+        """Under a FLOP counter (models.flops) flex and xformers run as sdpa, the same attention:
+        flex fails under the counter (and would run unfused, tokens x tokens scores), xformers'
+        kernels have no FLOP formula, and SDPA's count the attention's own FLOPs, per segment."""
+        name = self.resolve(q.device)
+        if name in ("flex", "xformers") and counting():
+            name = "sdpa"
+        return IMPLEMENTATIONS[name](q, k, v, packing)
+
+
+def resolve_backends(model: torch.nn.Module, device: torch.device) -> None:
+    """Resolve the backend of every packed ViT in `model` for `device` now, as its first call
+    would, so that a FLOP counter started afterwards (models.flops) neither counts `auto`'s trial
+    calls nor runs them (flex fails under it: `auto` would then give up flex for the run)."""
+    for module in model.modules():
+        attention = getattr(module, "block_diagonal_attention", None)
+        if attention is not None:
+            attention.resolve(device)

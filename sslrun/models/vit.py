@@ -50,9 +50,12 @@ def enable_packing(vit: nn.Module, attention: str) -> nn.Module:
 
 
 def pack_blocks(blocks) -> None:
-    """Give each timm Block the `packed(x, packing, attention)` method the packed passes call."""
+    """Give each timm Block the `packed(x, packing, attention)` method the packed passes call, and
+    the token-wise parts it runs (`PACKED_PARTS`)."""
     for block in blocks:
         block.packed = types.MethodType(packed_block, block)
+        for name, part in zip(PACKED_PARTS, (packed_qkv, packed_attention_output, packed_mlp)):
+            setattr(block, name, types.MethodType(part, block))
 
 
 def require_packing(model: nn.Module, method: str) -> None:
@@ -90,17 +93,31 @@ def _drop_rate(block: nn.Module) -> float:
     return float(getattr(block.drop_path1, "drop_prob", 0.0))
 
 
-def packed_attention(attn: nn.Module, x: torch.Tensor, packing: Packing,
-                     attention: BlockDiagonalAttention) -> torch.Tensor:
-    """timm's Attention module applied to a packed [1, tokens, D] sequence."""
-    tokens = x.shape[1]
-    qkv = attn.qkv(x).reshape(1, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+# A block's token-wise parts: each token on its own, so they are the same computation whatever the
+# packing, and `distributed.compile` compiles them (the attention between them depends on it).
+PACKED_PARTS = ("packed_qkv", "packed_attention_output", "packed_mlp")
+
+
+def packed_qkv(block: nn.Module, x: torch.Tensor):
+    """[1, tokens, D] -> (q, k, v) [1, heads, tokens, head dim] and the normed input (the gate's)."""
+    attn, tokens = block.attn, x.shape[1]
+    normed = block.norm1(x)
+    qkv = attn.qkv(normed).reshape(1, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    out = attention(q, k, v, packing).transpose(1, 2).reshape(1, tokens, -1)
+    return attn.q_norm(q), attn.k_norm(k), v, normed
+
+
+def packed_attention_output(block: nn.Module, normed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The attention branch after the attention itself: heads merged, gated, projected, scaled."""
+    attn = block.attn
+    out = out.transpose(1, 2).reshape(1, out.shape[2], -1)
     if getattr(attn, "gate", None) is not None:
-        out = out * attn.gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(attn.norm(out)))
+        out = out * attn.gate(normed).sigmoid()
+    return block.ls1(attn.proj_drop(attn.proj(attn.norm(out))))
+
+
+def packed_mlp(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return block.ls2(block.mlp(block.norm2(x)))
 
 
 def residual_on_subset(x: torch.Tensor, packing: Packing, branch, drop_rate: float) -> torch.Tensor:
@@ -115,11 +132,13 @@ def residual_on_subset(x: torch.Tensor, packing: Packing, branch, drop_rate: flo
 
 def packed_block(block: nn.Module, x: torch.Tensor, packing: Packing,
                  attention: BlockDiagonalAttention) -> torch.Tensor:
+    """timm's pre-norm Block on a packed [1, tokens, D] sequence."""
     def attention_branch(t, p):
-        return block.ls1(packed_attention(block.attn, block.norm1(t), p, attention))
+        q, k, v, normed = block.packed_qkv(t)
+        return block.packed_attention_output(normed, attention(q, k, v, p))
 
     def mlp_branch(t, p):
-        return block.ls2(block.mlp(block.norm2(t)))
+        return block.packed_mlp(t)
 
     rate = _drop_rate(block)
     for branch in (attention_branch, mlp_branch):

@@ -114,6 +114,20 @@ def test_fsdp_options_are_checked():
                             "trainer.fsdp.activation_checkpointing=true", "trainer.devices=1"]) is None
 
 
+def test_compile_options_are_checked():
+    assert error_for("trainer.compile.mode=fast").startswith(
+        "trainer.compile.mode=fast: choose one of: default, reduce-overhead, max-autotune")
+    message = error_for("trainer.compile.enabled=true", "trainer.compile.backend=inductr")
+    assert message.startswith("trainer.compile.backend=inductr: not a torch.compile backend") and "aot_eager" in message
+    assert check_overrides(["trainer.compile.enabled=true", "trainer.compile.backend=aot_eager"]) is None
+
+
+def test_timm_arguments_sslrun_sets_are_refused_with_the_key_to_use():
+    assert error_for("+backbone.timm_kwargs.drop_path_rate=0.1") == \
+        "backbone.timm_kwargs.drop_path_rate: set backbone.drop_path_rate instead"
+    assert error_for("+backbone.timm_kwargs.in_chans=3").startswith("backbone.timm_kwargs.in_chans: set by data.channels")
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_sharded_checkpoint_resumes_only_under_fsdp(tmp_path):
     import torch

@@ -39,6 +39,10 @@ INTENDED_DIFFERENCES = {
 ADDED_KEYS = {
     "trainer.nonfinite": "issue 16: stop or skip at a non-finite loss or gradient norm",
     "trainer.max_skipped_steps": "issue 16: how many updates trainer.nonfinite=skip may drop",
+    "trainer.compile": "issue 19: regional torch.compile, off unless asked for",
+    "trainer.tf32": "issue 19: TF32 matmuls on CUDA",
+    "trainer.channels_last": "issue 19: channels-last CNNs on CUDA",
+    "data.decode": "issue 19: image folders' JPEGs decoded on the CPU workers or on the training device",
 }
 
 

@@ -15,7 +15,7 @@ from tests.conftest import FASHION_MNIST, needs_fashion_mnist
 def data_cfg(name, **extra):
     base = {"name": name, "root": None, "download": False, "image_size": 28, "channels": 1,
             "mean": [0.5], "std": [0.5], "eval_crop_fraction": 1.0, "batch_size": 8, "eval_batch_size": 16,
-            "num_workers": 0, "pin_memory": False, "persistent_workers": False}
+            "num_workers": 0, "pin_memory": False, "persistent_workers": False, "decode": "cpu"}
     base.update(extra)
     return OmegaConf.create(base)
 
