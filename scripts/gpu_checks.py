@@ -1,9 +1,9 @@
 """GPU checks: what the CPU test suite and `make bench` cannot show, in one short run on one GPU.
 
-    python scripts/gpu_checks.py --out DIR              # on a CUDA machine (about 4 minutes on an H200)
+    python scripts/gpu_checks.py --out DIR              # on a CUDA machine (legs 1-6: about 4 minutes on an H200)
     python scripts/gpu_checks.py --out DIR --cpu-smoke  # tiny shapes on CPU: only checks that it runs
 
-Six legs, each written to DIR/gpu_checks.json and DIR/gpu_checks.md as soon as it ends (so an
+Seven legs, each written to DIR/gpu_checks.json and DIR/gpu_checks.md as soon as it ends (so an
 interrupted run still leaves what it measured):
 
 1. equivalence: the packed multi-crop ViT forward (`sslrun.models.vit.packed_forward`) against
@@ -24,7 +24,9 @@ interrupted run still leaves what it measured):
 4. fsdp: `python -m sslrun method=dino trainer=fsdp trainer.devices=1 trainer.accelerator=gpu
    trainer.fsdp.param_dtype=bf16 trainer.max_steps=20` (ViT-S/16, 224 px, batch 64, online
    evaluation on) on a generated folder of random images; it must end with summary.json. Then the
-   same with `trainer.fsdp.activation_checkpointing=true` if the time budget allows.
+   same with `trainer.fsdp.activation_checkpointing=true`, and CLIP (`method=clip`: ViT-B/16 image tower
+   and the paper's text tower, the folder's images captioned from their class names by `method.prompts`)
+   the same way, if the time budget allows.
 
 5. flex_drop_path: flex_attention under efficient stochastic depth (each block attends over a random
    subset of the crops, so the packed length changes from call to call; sslrun compiles those calls
@@ -35,8 +37,18 @@ interrupted run still leaves what it measured):
 6. block_mask: flex's block mask for one packed DINO student batch (64 x (2 x 197 + 10 x 37) =
    48,896 tokens): sslrun's `flex_block_mask` against torch's `create_block_mask`, which evaluates
    the dense tokens x tokens mask: time, CUDA memory at the peak, and that both give the same mask.
+7. speed (the issue "Speed on GPUs"): the training step (forward, loss, backward, optimizer step,
+   EMA update) of a method built as a run builds it (`compose`, `build_method`, as
+   `scripts/bench_compile.py` does), bf16 autocast, on one random batch: DINO ViT-S/16 (`recipe=imagenet`:
+   packed 2 x 224 + 10 x 96 px crops, 65,536 prototypes), batch 64, eager and with regional compile
+   (`compile_method`); SimCLR ResNet-50 (2 x 224 px), batch 128, eager, compiled and eager channels-last
+   (`use_channels_last`). The first step of each (for compiled: compilation), then median seconds
+   over alternating rounds; images/s, TFLOP/s from `sslrun.models.flops.count_flops` (forward +
+   backward, teacher forward included), MFU against the device's dense bf16 peak (`peak_flops`;
+   the goal: 40 % for DINO), and how far the compiled losses are from the eager ones (same seeds).
+   Then `scripts/bench_loader.py --device cuda --images 192` (its markdown kept) if the budget allows.
 
-Legs run in the order `--only` names them (default 1,2,3,6,4,5).
+Legs run in the order `--only` names them (default 1,2,3,6,7,4,5).
 
 Nothing here needs data or a download. `--only 1,3` runs some legs; `--budget` (seconds) skips the
 optional parts once it is spent.
@@ -353,23 +365,30 @@ def leg_fsdp(device, smoke: bool, budget, out: Path, work: Path) -> dict:
                       classes=4, size=64 if smoke else 256)
     say(f"fsdp: image folder made in {time.time() - start:.1f}s")
     steps = 2 if smoke else 20
-    common = ["method=dino", "recipe=none", "data=imagefolder", f"data.root={data}", f"data.batch_size={batch}",
+    common = ["recipe=none", "data=imagefolder", f"data.root={data}", f"data.batch_size={batch}",
               "trainer=fsdp", "trainer.devices=1", f"trainer.accelerator={'gpu' if cuda else 'cpu'}",
               "trainer.fsdp.param_dtype=bf16", f"trainer.max_steps={steps}", "trainer.progress_bar=false",
               "trainer.log_every_n_steps=5", "eval.pictures=2", "resume=null"]
+    dino = ["method=dino"]
+    # CLIP on the same folder: a labelled image folder is captioned from its class names, one of
+    # `method.prompts` drawn per image (data.ClassCaptions); ViT-B/16 image tower, the paper's text tower.
+    clip = ["method=clip"]
     if smoke:
-        common += ["backbone=vit_tiny_p4", "data.image_size=32", "augmentation.views.2.size=16",
-                   "method.head.out_dim=1024", "data.num_workers=0"]
-    runs = [("plain", [])]
+        common += ["backbone=vit_tiny_p4", "data.image_size=32", "data.num_workers=0"]
+        dino += ["augmentation.views.2.size=16", "method.head.out_dim=1024"]
+        clip += ["method.embed_dim=128", "method.text.context_length=16", "method.text.width=128",
+                 "method.text.layers=2", "method.text.heads=4"]
+    runs = [("plain", dino)]
     if not smoke:
-        runs.append(("activation_checkpointing", ["trainer.fsdp.activation_checkpointing=true"]))
+        runs.append(("activation_checkpointing", dino + ["trainer.fsdp.activation_checkpointing=true"]))
+    runs.append(("clip", clip))
     rows = []
     for name, extra in runs:
         if name != "plain" and budget.left() < 100:
             rows.append({"run": name, "skipped": "time budget spent"})
             continue
         run_dir = work / f"run-{name}"
-        command = [sys.executable, "-m", "sslrun", *common, *extra, f"hydra.run.dir={run_dir}"]
+        command = [sys.executable, "-m", "sslrun", *extra, *common, f"hydra.run.dir={run_dir}"]
         row = {"run": name, "command": "python -m sslrun " + " ".join(a for a in command[3:] if "hydra.run.dir" not in a
                                                                       and "data.root" not in a)}
         say(f"fsdp: {name}: {' '.join(command[1:])}")
@@ -389,7 +408,8 @@ def leg_fsdp(device, smoke: bool, budget, out: Path, work: Path) -> dict:
             data_summary = json.loads(summary.read_text())
             shutil.copy(summary, out / f"fsdp_{name}_summary.json")
             for key in ("train_loss", "images_per_sec", "peak_memory_mb", "peak_memory_kind", "wall_time_sec",
-                        "global_step", "knn_top1", "knn_top1_random_init", "world_size"):
+                        "global_step", "knn_top1", "knn_top1_random_init", "zero_shot_top1",
+                        "zero_shot_top1_random_init", "world_size"):
                 row[key] = data_summary.get(key)
             row["summary_written"] = True
             metrics = run_dir / "csv" / "metrics.csv"
@@ -548,6 +568,170 @@ def leg_block_mask(device, smoke: bool, budget, batch: int) -> dict:
     return {"batch": batch, "rows": rows}
 
 
+# ---------------------------------------------------------------------------------------- leg 7
+def _speed_build(overrides: list, device):
+    from sslrun.config import compose
+    from sslrun.train import build_method, lr_schedule
+
+    cfg = compose(overrides)
+    schedule, steps_per_epoch = lr_schedule(cfg, 60000)
+    torch.manual_seed(0)
+    method = build_method(cfg, schedule, None, steps_per_epoch).to(device)
+    return method, method.configure_optimizers(), cfg
+
+
+def _speed_method(device, budget, overrides: list, batch: int, variants: dict, warmup: int, rounds: int) -> dict:
+    """One method's training step (forward, loss, backward, optimizer step, `after_optimizer_step`:
+    the EMA teacher's update), bf16 autocast on CUDA, for each of `variants` (name -> what is done
+    to a freshly built copy: nothing, `compile_method`, `use_channels_last`), all from the same seed
+    on the same batch: the first step, `warmup` more, then `rounds` rounds of one step each in
+    alternation (each round's seed the same for all), median seconds. FLOPs of one step:
+    `count_flops` over the eager copy's forward + backward (teacher forward included; the optimizer
+    step and EMA are elementwise, not counted)."""
+    from sslrun.models.flops import count_flops, peak_flops
+
+    cuda = device.type == "cuda"
+    overrides = overrides + [f"data.batch_size={batch}", "trainer.devices=1", f"trainer.accelerator={'gpu' if cuda else 'cpu'}",
+                             "trainer.compile.enabled=false", "trainer.channels_last=false"]
+    models, result = {}, {"overrides": " ".join(overrides), "batch": batch, "rows": []}
+    for name, prepare in variants.items():
+        model, optimizer, cfg = _speed_build(overrides, device)
+        applied = prepare(model) if prepare is not None else None
+        if prepare is not None and not applied:
+            result["rows"].append({"variant": name, "skipped": f"{prepare.__name__}: nothing to apply it to"})
+            continue
+        if applied is not None:
+            result.setdefault("applied", {})[name] = f"{prepare.__name__}: {applied}"
+        models[name] = (model, optimizer)
+    result["backbone"] = cfg.backbone.name
+    sizes = [view.size for view in cfg.augmentation.views for _ in range(view.count)]
+    result["crops"] = " + ".join(f"{sizes.count(s)} x {s}" for s in dict.fromkeys(sizes)) + " px"
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"views": [torch.randn(batch, cfg.data.channels, s, s, generator=generator).to(device) for s in sizes]}
+
+    def forward_backward(model):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model.training_loss(inputs).loss
+        loss.backward()
+        return loss.detach()
+
+    def step(model, optimizer, seed):
+        torch.manual_seed(seed)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = forward_backward(model)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.after_optimizer_step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, loss.item()
+
+    first, times, losses = {}, {name: [] for name in models}, {name: [] for name in models}
+    for name, (model, optimizer) in models.items():
+        seconds, loss = step(model, optimizer, 0)
+        first[name] = {"first_step_s": seconds, "warmup_s": [], "first_loss": loss}
+        for i in range(warmup):
+            first[name]["warmup_s"].append(step(model, optimizer, 1 + i)[0])
+        say(f"speed: {result['backbone']} {name}: first step {seconds:.2f}s, "
+            f"warm-up {[round(t, 3) for t in first[name]['warmup_s']]}")
+    for round_ in range(rounds):
+        if round_ > 0 and budget.left() < 0:
+            result["rounds_cut"] = "time budget spent"
+            break
+        for name, (model, optimizer) in models.items():
+            seconds, loss = step(model, optimizer, 1 + warmup + round_)
+            times[name].append(seconds)
+            losses[name].append(loss)
+    eager = models.get("eager")
+    flops = count_flops(lambda: forward_backward(eager[0])) if eager else None
+    if eager:
+        eager[0].zero_grad(set_to_none=True)
+    peak = peak_flops(torch.cuda.get_device_name(device) if cuda else None, "bf16")
+    result.update(flops_per_step=flops, peak_tflops=peak / 1e12 if peak else None, rounds=len(times[next(iter(models))]))
+
+    def relative(a, b):
+        return abs(a - b) / max(abs(b), 1e-12)
+
+    for name in models:
+        median = statistics.median(times[name]) if times[name] else None
+        row = {"variant": name, **first[name], "step_s": median, "losses": losses[name]}
+        if median:
+            row["images_per_s"] = batch / median
+            row["tflops_per_s"] = flops / median / 1e12 if flops else None
+            row["mfu"] = flops / median / peak if flops and peak else None
+        if eager and name != "eager":
+            row["loss_rel_diff_first_step"] = relative(first[name]["first_loss"], first["eager"]["first_loss"])
+            row["loss_rel_diff_max"] = max([row["loss_rel_diff_first_step"]] + [
+                relative(a, b) for a, b in zip(losses[name], losses["eager"])])
+            if times[name] and times["eager"]:
+                row["speedup_vs_eager"] = statistics.median(times["eager"]) / median
+        result["rows"].append(row)
+        say(f"speed: {result['backbone']} {({k: v for k, v in row.items() if k != 'losses'})}")
+    models.clear()
+    return result
+
+
+def leg_speed(device, smoke: bool, budget, out: Path) -> dict:
+    """The issue "Speed on GPUs": DINO ViT-S/16's packed multi-crop step, eager and regionally
+    compiled (MFU against the device's dense bf16 peak; goal 40 %); SimCLR ResNet-50's step, eager,
+    compiled and channels-last (images/s); and `scripts/bench_loader.py` on this device."""
+    from sslrun.distributed.compile import compile_method, use_channels_last
+
+    compiled = {"eager": None, "compiled": compile_method}
+    warmup, rounds = (1, 2) if smoke else (2, 5)
+    result = {"dtype": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    dino = ["method=dino", "recipe=imagenet", "data=imagefolder", "data.root=synthetic"]
+    dino += (["backbone=vit_tiny_p4", "data.image_size=32", "augmentation.views.2.size=16", "augmentation.views.2.count=2",
+              "method.head.out_dim=1024"] if smoke else ["backbone=vit_small", "data.image_size=224"])
+    simclr = ["method=simclr", "recipe=imagenet", "data=imagefolder", "data.root=synthetic"]
+    simclr += ["backbone=resnet18", "data.image_size=32"] if smoke else ["backbone=resnet50", "data.image_size=224"]
+    parts = [("dino", 40, lambda: _speed_method(device, budget, dino, 2 if smoke else 64, compiled, warmup, rounds)),
+             ("simclr", 60, lambda: _speed_method(device, budget, simclr, 4 if smoke else 128,
+                                                  {**compiled, "channels-last": use_channels_last}, warmup, rounds))]
+    for name, needed, measure in parts:
+        part = {}
+        if name != "dino" and budget.left() < needed:
+            part["skipped"] = "time budget spent"
+        else:
+            torch._dynamo.reset()
+            with recording_errors(part):
+                part.update(measure())
+        result[name] = part
+    loader = {}
+    if budget.left() < 90:
+        loader["skipped"] = "time budget spent"
+    else:
+        with recording_errors(loader):
+            markdown_path, log_path = out / "bench_loader.md", out / "bench_loader.log"
+            markdown_path.unlink(missing_ok=True)
+            options = ["--images", "16", "--batch", "4", "--step-batch", "2", "--steps", "1"] if smoke else \
+                ["--images", "192", "--batch", "32", "--steps", "3"]
+            command = [sys.executable, str(REPO / "scripts" / "bench_loader.py"), "--device", device.type, *options,
+                       "--output", str(markdown_path)]
+            loader["command"] = "python scripts/bench_loader.py " + " ".join(command[2:-2])
+            python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+            say(f"speed: {loader['command']}")
+            start = time.time()
+            with open(log_path, "w") as log:
+                try:
+                    process = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                             timeout=max(60, min(180, budget.left())),
+                                             env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path})
+                    loader["returncode"] = process.returncode
+                except subprocess.TimeoutExpired:
+                    loader["returncode"] = "timeout"
+            loader["wall_s"] = time.time() - start
+            if markdown_path.is_file():
+                loader["markdown"] = markdown_path.read_text().strip()
+            else:
+                loader["log_tail"] = log_path.read_text()[-3000:]
+            say(f"speed: bench_loader: rc {loader['returncode']}, {loader['wall_s']:.0f}s")
+    result["bench_loader"] = loader
+    return result
+
+
 # ---------------------------------------------------------------------------------------- report
 def _fmt(value, digits=3):
     if value is None:
@@ -628,16 +812,18 @@ def markdown(results: dict) -> str:
     fs = results.get("fsdp")
     if fs:
         lines += [f"## 4. FSDP through the CLI ({fs['steps']} steps, batch {fs['batch']})", "",
-                  "| run | summary.json | train_loss | images/s | peak memory MiB | wall s | kNN top-1 (random init) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| run | summary.json | train_loss | images/s | peak memory MiB | wall s | kNN top-1 (random init) | "
+                  "zero-shot top-1 (random init) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in fs["rows"]:
             if "skipped" in r:
-                lines.append(f"| {r['run']} | skipped: {r['skipped']} | | | | | |")
+                lines.append(f"| {r['run']} | skipped: {r['skipped']} | | | | | | |")
                 continue
             lines.append(f"| {r['run']} | {'yes' if r['summary_written'] else 'NO (rc ' + str(r['returncode']) + ')'} | "
                          f"{_fmt(r.get('train_loss'))} | {_fmt(r.get('images_per_sec'), 1)} | "
                          f"{_fmt(r.get('peak_memory_mb'), 0)} | {_fmt(r.get('wall_s'), 0)} | "
-                         f"{_fmt(r.get('knn_top1'))} ({_fmt(r.get('knn_top1_random_init'))}) |")
+                         f"{_fmt(r.get('knn_top1'))} ({_fmt(r.get('knn_top1_random_init'))}) | "
+                         + (f"{_fmt(r['zero_shot_top1'])} ({_fmt(r.get('zero_shot_top1_random_init'))})"
+                            if r.get("zero_shot_top1") is not None else "") + " |")
         for r in fs["rows"]:
             if "command" in r:
                 lines.append(f"\n- {r['run']}: `{r['command']}`; attention: {r.get('attention_log')}; "
@@ -671,6 +857,42 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['builder']} | {r['tokens']} | {_fmt(r['ms'], 1)} | "
                          f"{_fmt(r.get('peak_above_before_mib'), 0)} | {equal} |")
         lines.append("")
+    sp = results.get("speed")
+    if sp:
+        lines += [f"## 7. Speed: training step, eager vs regional compile ({sp['dtype']}, one random batch)", "",
+                  "| method | variant | first step s | step s | images/s | TFLOP/s | MFU | speed-up vs eager | "
+                  "loss rel. diff vs eager (first step / max) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        notes = []
+        for method in ("dino", "simclr"):
+            part = sp.get(method, {})
+            if "skipped" in part or ("error" in part and not part.get("rows")):
+                lines.append(f"| {method} | {part.get('skipped') or 'failed: ' + part.get('error', '')} | | | | | | | |")
+                continue
+            label = f"{method} ({part['backbone']}, batch {part['batch']}, {part['crops']})"
+            for r in part["rows"]:
+                if "skipped" in r:
+                    lines.append(f"| {label} | {r['variant']}: skipped: {r['skipped']} | | | | | | | |")
+                    continue
+                diff = f"{_fmt(r['loss_rel_diff_first_step'])} / {_fmt(r['loss_rel_diff_max'])}" \
+                    if "loss_rel_diff_max" in r else ""
+                mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "n/a"
+                speed = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else ""
+                lines.append(f"| {label} | {r['variant']} | {_fmt(r['first_step_s'], 2)} | {_fmt(r.get('step_s'))} | "
+                             f"{_fmt(r.get('images_per_s'), 1)} | {_fmt(r.get('tflops_per_s'), 1)} | {mfu} | {speed} | "
+                             f"{diff} |")
+            flops = part.get("flops_per_step")
+            notes.append(f"- {method}: {_fmt(flops / 1e12 if flops else None)} TFLOP per step (forward + backward); "
+                         f"median of {part.get('rounds')} rounds; dense bf16 peak: "
+                         f"{_fmt(part.get('peak_tflops'), 1) + ' TFLOP/s' if part.get('peak_tflops') else 'unknown (no MFU)'}; "
+                         f"{part.get('applied', {})}; `{part['overrides']}`"
+                         + (f"; failed after: {part['error']}" if "error" in part else ""))
+        lines += [""] + notes + [""]
+        loader = sp.get("bench_loader", {})
+        if "markdown" in loader:
+            lines += ["### " + loader["markdown"].lstrip("#").strip(), ""]
+        elif loader:
+            lines += [f"- bench_loader: {loader.get('skipped') or loader.get('error') or 'rc ' + str(loader.get('returncode'))}",
+                      ""]
     if results.get("errors"):
         lines += ["## Errors", ""] + [f"- {e}" for e in results["errors"]] + [""]
     lines.append(f"Total time: {results.get('total_s', 0):.0f} s")
@@ -689,7 +911,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for gpu_checks.json, gpu_checks.md and run logs")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, to check the script runs")
-    parser.add_argument("--only", default="1,2,3,6,4,5", help="legs to run, e.g. 1,3")
+    parser.add_argument("--only", default="1,2,3,6,7,4,5", help="legs to run, e.g. 1,3")
     parser.add_argument("--budget", type=float, default=330, help="seconds after which optional parts are skipped")
     parser.add_argument("--bench-batch", type=int, default=16)
     parser.add_argument("--bench-steps", type=int, default=5)
@@ -727,7 +949,8 @@ def main() -> None:
             (3, "checkpointing", lambda: leg_checkpointing(device, smoke, budget, args.ckpt_batch, args.ckpt_attention)),
             (4, "fsdp", lambda: leg_fsdp(device, smoke, budget, out, work)),
             (5, "flex_drop_path", lambda: leg_flex_drop_path(device, smoke, budget, args.flex_batch, 6)),
-            (6, "block_mask", lambda: leg_block_mask(device, smoke, budget, args.ckpt_batch))]
+            (6, "block_mask", lambda: leg_block_mask(device, smoke, budget, args.ckpt_batch)),
+            (7, "speed", lambda: leg_speed(device, smoke, budget, out))]
     plan = sorted((p for p in plan if p[0] in legs), key=lambda p: legs.index(p[0]))
     for number, name, leg in plan:
         say(f"leg {number}: {name}")
