@@ -13,15 +13,19 @@ rounding). On a GPU machine, `--device cuda` measures the same there.
 import argparse
 import datetime
 import json
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from sslrun.config import compose
 from sslrun.distributed.compile import compile_method, use_channels_last
 from sslrun.train import build_method, lr_schedule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import machine  # noqa: E402  (the machine line every benchmark records)
 
 
 def build(method: str, batch: int, device: str):
@@ -79,10 +83,8 @@ def main() -> None:
         rows.append({"method": name, "backbone": cfg.backbone.name, "batch": args.batch, "regions": regions,
                      "first_compiled_step_sec": first_compiled, "step_sec": median,
                      "compiled_over_eager": median["compiled"] / median["eager"], "losses": losses})
-    print(json.dumps({
-        "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if args.device == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "rows": rows}, indent=2))
+    print(json.dumps({"date": datetime.date.today().isoformat(), "machine": machine(),
+                      "threads": torch.get_num_threads(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

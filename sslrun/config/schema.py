@@ -333,15 +333,17 @@ SCHEDULERS: Dict[str, type] = {"warmup_cosine": WarmupCosineConfig}
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
 NONFINITE_POLICIES = ("stop", "skip")  # callbacks/nonfinite.py
+FSDP_PARAM_DTYPES = ("bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
 class CompileOptions:
+    """trainer.compile (distributed/compile.py)."""
+
     enabled: bool = MISSING
     backend: str = MISSING
     mode: str = MISSING
-FSDP_PARAM_DTYPES = ("bf16", "fp16")
 
 
 @dataclass
