@@ -588,6 +588,7 @@ def _speed_method(device, budget, overrides: list, batch: int, variants: dict, w
     alternation (each round's seed the same for all), median seconds. FLOPs of one step:
     `count_flops` over the eager copy's forward + backward (teacher forward included; the optimizer
     step and EMA are elementwise, not counted)."""
+    from sslrun.models.attention import countable_attention
     from sslrun.models.flops import count_flops, peak_flops
 
     cuda = device.type == "cuda"
@@ -645,7 +646,11 @@ def _speed_method(device, budget, overrides: list, batch: int, variants: dict, w
             times[name].append(seconds)
             losses[name].append(loss)
     eager = models.get("eager")
-    flops = count_flops(lambda: forward_backward(eager[0])) if eager else None
+    if eager:
+        with countable_attention(eager[0], device):
+            flops = count_flops(lambda: forward_backward(eager[0]))
+    else:
+        flops = None
     if eager:
         eager[0].zero_grad(set_to_none=True)
     peak = peak_flops(torch.cuda.get_device_name(device) if cuda else None, "bf16")

@@ -8,8 +8,8 @@ from typing import Optional
 import lightning as L
 import torch
 
-from sslrun.models.attention import resolve_backends
-from sslrun.models.flops import compute_dtype, flop_counter, peak_flops, tf32_matmuls
+from sslrun.models.attention import countable_attention
+from sslrun.models.flops import compute_dtype, flop_counter, matmul_dtype, peak_flops, tf32_matmuls
 
 
 class Throughput(L.Callback):
@@ -46,8 +46,8 @@ class Throughput(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.flops_per_step is None and self._counting is None:
-            resolve_backends(pl_module, pl_module.device)
             self._counting = ExitStack()
+            self._counting.enter_context(countable_attention(pl_module, pl_module.device))
             self._counter = self._counting.enter_context(flop_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -77,10 +77,8 @@ class Throughput(L.Callback):
     def _set_peak(self, device: torch.device) -> None:
         if device.type == "cuda":
             self.device_name = torch.cuda.get_device_name(device)
-            tf32 = self.dtype == "fp32" and tf32_matmuls()
-            self.peak = peak_flops(self.device_name, self.dtype, tf32)
-            if tf32 and self.peak != peak_flops(self.device_name, "fp32"):  # the GPU has TF32 tensor cores
-                self.dtype = "tf32"
+            self.dtype = matmul_dtype(self.device_name, self.dtype, tf32_matmuls())
+            self.peak = peak_flops(self.device_name, self.dtype)
         else:
             self.device_name = device.type
 

@@ -19,16 +19,16 @@ there too, but its CPU kernel is slower than SDPA's and compiling costs a minute
 
 import importlib.util
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from sslrun.config.schema import ATTENTION_BACKENDS as BACKENDS
 from sslrun.config import ConfigError
-from sslrun.models.flops import counting
 
 log = logging.getLogger(__name__)
 
@@ -252,20 +252,26 @@ class BlockDiagonalAttention:
         return self.name
 
     def __call__(self, q, k, v, packing: Packing) -> torch.Tensor:
-        """Under a FLOP counter (models.flops) flex and xformers run as sdpa, the same attention:
-        flex fails under the counter (and would run unfused, tokens x tokens scores), xformers'
-        kernels have no FLOP formula, and SDPA's count the attention's own FLOPs, per segment."""
-        name = self.resolve(q.device)
-        if name in ("flex", "xformers") and counting():
-            name = "sdpa"
-        return IMPLEMENTATIONS[name](q, k, v, packing)
+        return IMPLEMENTATIONS[self.resolve(q.device)](q, k, v, packing)
 
 
-def resolve_backends(model: torch.nn.Module, device: torch.device) -> None:
-    """Resolve the backend of every packed ViT in `model` for `device` now, as its first call
-    would, so that a FLOP counter started afterwards (models.flops) neither counts `auto`'s trial
-    calls nor runs them (flex fails under it: `auto` would then give up flex for the run)."""
+@contextmanager
+def countable_attention(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Inside: every packed ViT in `model` resolved for `device`, flex and xformers run as sdpa.
+
+    For a FLOP counter started inside (models.flops): resolving first keeps `auto`'s trial calls
+    out of the count (and flex's out of the counter, under which it fails: `auto` would then give
+    up flex for the run); sdpa computes the same attention and is counted per segment, where flex
+    fails under the counter (or would run unfused: tokens x tokens scores) and xformers' kernels
+    have no FLOP formula. Each backend is restored on exit."""
+    swapped = []
     for module in model.modules():
         attention = getattr(module, "block_diagonal_attention", None)
-        if attention is not None:
-            attention.resolve(device)
+        if attention is not None and attention.resolve(device) in ("flex", "xformers"):
+            swapped.append((attention, attention.name))
+            attention.name = "sdpa"
+    try:
+        yield
+    finally:
+        for attention, name in swapped:
+            attention.name = name

@@ -18,14 +18,6 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-_counting = False
-
-
-def counting() -> bool:
-    """Whether a FLOP counter is running (the attention backends check it: models.attention)."""
-    return _counting
-
-
 def _cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
@@ -40,19 +32,31 @@ _CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _c
                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
 
 
+class _TotalOnly:
+    """Stands in for FlopCounterMode's module tracker, which attributes FLOPs to modules: sslrun
+    reads only the total, and torch's tracker hooks autograd on every module input, which fails on
+    a view taken under no_grad of a tensor that requires grad (it has no grad_fn), as SwAV's codes
+    are computed."""
+
+    parents = {"Global"}  # the counter adds every op's FLOPs to each parent; "Global" is the total
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 @contextmanager
 def flop_counter() -> Iterator[FlopCounterMode]:
     """torch's FLOP counter over what runs inside (`.get_total_flops()`), with CPU attention counted.
 
-    Compiled code runs eagerly inside (a compiled kernel's ops are invisible to the counter)."""
-    global _counting
-    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False,
-                                                                   custom_mapping=_CPU_ATTENTION) as counter:
-        _counting = True
-        try:
-            yield counter
-        finally:
-            _counting = False
+    Compiled code runs eagerly inside (a compiled kernel's ops are invisible to the counter).
+    Packed ViTs count right inside models.attention.countable_attention."""
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
+    counter.mod_tracker = _TotalOnly()
+    with torch.compiler.set_stance("force_eager"), counter:
+        yield counter
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -109,16 +113,23 @@ def compute_dtype(precision: str, param_dtype: Optional[str] = None) -> str:
     return param_dtype or "fp32"
 
 
-def peak_flops(device_name: Optional[str], dtype: str, tf32: bool = False) -> Optional[float]:
-    """Dense peak FLOP/s of the GPU `device_name` for matmuls in `dtype` (bf16, fp16, fp32; fp32 on
-    TF32 tensor cores when `tf32` and the GPU has them); None for a device not in PEAKS (the CPU:
-    device_name None) or a dtype it has no tensor cores for (bf16 on a V100)."""
-    peaks = next((p for pattern, p in PEAKS if re.search(pattern, device_name or "", re.IGNORECASE)), None)
-    if peaks is None:
-        return None
-    if dtype == "fp32" and tf32 and peaks.tf32 is not None:
-        dtype = "tf32"
-    tera = getattr(peaks, dtype)
+def _peaks(device_name: Optional[str]) -> Optional[Peaks]:
+    return next((p for pattern, p in PEAKS if re.search(pattern, device_name or "", re.IGNORECASE)), None)
+
+
+def matmul_dtype(device_name: Optional[str], dtype: str, tf32: bool) -> str:
+    """`dtype` (bf16, fp16, fp32), or tf32 where fp32 matmuls run on the GPU `device_name`'s TF32
+    tensor cores: `tf32` asked for (tf32_matmuls()) and the GPU has them (not a V100)."""
+    peaks = _peaks(device_name)
+    return "tf32" if dtype == "fp32" and tf32 and peaks is not None and peaks.tf32 is not None else dtype
+
+
+def peak_flops(device_name: Optional[str], dtype: str) -> Optional[float]:
+    """Dense peak FLOP/s of the GPU `device_name` for matmuls in `dtype` (bf16, fp16, tf32, fp32);
+    None for a device not in PEAKS (the CPU: device_name None) or a dtype it has no tensor cores
+    for (bf16 on a V100)."""
+    peaks = _peaks(device_name)
+    tera = None if peaks is None else getattr(peaks, dtype)
     return None if tera is None else tera * 1e12
 
 
