@@ -39,8 +39,8 @@ peers: install
 	@$(BIN)/python -c "import importlib.metadata as m; assert m.version('lightly') == '1.6.0'" 2>/dev/null || \
 		$(BIN)/python -m pip install --quiet --no-deps 'lightly==1.6.0'
 
-# The side-by-side with lightly resumes where it stopped; its first full run (7 methods x 3 seeds x
-# 2 sides, each quick recipe and a kNN evaluation) takes hours on 2 cores. PEERS_ARGS="--methods simclr".
+# The side-by-side with lightly resumes where it stopped; its first full run (8 methods x 3 seeds x
+# 2 sides, each quick recipe and a kNN evaluation) takes about 2 hours on 2 cores. PEERS_ARGS="--methods simclr".
 PEERS_ARGS ?=
 bench: install data peers
 	$(BIN)/python scripts/bench.py $(ARGS)

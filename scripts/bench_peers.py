@@ -392,7 +392,8 @@ def table(methods, seeds, root: Path) -> str:
             f"| **{method}**", *(f"{statistics.mean(rates[s]):.0f}" if rates[s] else "–" for s in SIDES), ratio,
             _mean_std(knn["sslrun"]), _mean_std(knn["lightly"]), str(len(ratios)),
             f"{'/'.join(str(s) for s in sorted(x for x in steps if x))} x {config.get('batch', '?')} |"]))
-    header = (f"Written {datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by `python scripts/bench_peers.py "
+    header = ("## Side by side with lightly: the same runs written with lightly's components\n\n"
+              f"Written {datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by `python scripts/bench_peers.py "
               f"{' '.join(sys.argv[1:])}` on {machine()}, lightly {_lightly_version()}. Each method's quick "
               f"recipe (`python -m sslrun method=NAME {' '.join(COMMON)}`) and its lightly loop from the same "
               f"config; kNN: `python -m sslrun.evaluate RUN_DIR protocol=knn` (k=20, whole training split as "

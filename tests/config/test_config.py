@@ -36,7 +36,7 @@ def test_groups_are_the_documented_ones():
                            "trainer", "logger", "recipe", "tuning"}
 
 
-VARIANTS = {"mocov3_vit": "mocov3", "dinov2_gram": "dinov2"}  # method options that configure another method
+VARIANTS = {"mocov3_vit": "mocov3", "dinov2_gram": "dinov2", "swav_vit": "swav"}  # method options that configure another method
 
 
 @pytest.mark.parametrize("group,option", list(all_options()))
