@@ -646,12 +646,10 @@ def _speed_method(device, budget, overrides: list, batch: int, variants: dict, w
             times[name].append(seconds)
             losses[name].append(loss)
     eager = models.get("eager")
+    flops = None
     if eager:
         with countable_attention(eager[0], device):
             flops = count_flops(lambda: forward_backward(eager[0]))
-    else:
-        flops = None
-    if eager:
         eager[0].zero_grad(set_to_none=True)
     peak = peak_flops(torch.cuda.get_device_name(device) if cuda else None, "bf16")
     result.update(flops_per_step=flops, peak_tflops=peak / 1e12 if peak else None, rounds=len(times[next(iter(models))]))

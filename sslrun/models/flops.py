@@ -52,7 +52,7 @@ def flop_counter() -> Iterator[FlopCounterMode]:
     """torch's FLOP counter over what runs inside (`.get_total_flops()`), with CPU attention counted.
 
     Compiled code runs eagerly inside (a compiled kernel's ops are invisible to the counter).
-    Packed ViTs count right inside models.attention.countable_attention."""
+    A packed ViT on flex or xformers is counted right only inside models.attention.countable_attention."""
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
     counter.mod_tracker = _TotalOnly()
     with torch.compiler.set_stance("force_eager"), counter:
