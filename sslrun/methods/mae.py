@@ -41,8 +41,9 @@ class MAE(SSLMethod):
     the removed patches' pixels (`losses.mae_loss`, against per-patch normalised pixels).
 
     The noise is drawn for the whole global batch and each process takes its rows, so N processes
-    mask each image as one process would. The online probe and the collapse monitor see the class
-    token of the masked input (the cheap feature of the step); every evaluation embeds whole images."""
+    mask each image as one process would. The online probe and the collapse monitor see the
+    backbone's pooled feature of the masked input (the cheap feature of the step: with MAE's
+    `global_pool: avg`, the mean of the visible patches' tokens); every evaluation embeds whole images."""
 
     def __init__(self, cfg, **base):
         super().__init__(**base)
@@ -66,23 +67,24 @@ class MAE(SSLMethod):
         return order[:, :self.visible].sort(dim=1).values, order[:, self.visible:].sort(dim=1).values
 
     def reconstruct(self, images: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor):
-        """(class tokens of the masked input [B, D], predicted pixels of the removed patches
-        [B, removed, patch * patch * C])."""
+        """(the backbone's pooled feature of the masked input [B, D], predicted pixels of the
+        removed patches [B, removed, patch * patch * C])."""
         batch, prefix = images.shape[0], self.backbone.num_prefix_tokens
         encoded = packed_forward(self.backbone, [images], keep=[kept])[0]
         context_positions = torch.cat([torch.full((batch, prefix), NO_POSITION, device=kept.device), kept + 1], 1)
         per_image = prefix + kept.shape[1]
         predictions = self.decoder(encoded, context_positions.flatten(), (per_image,) * batch,
                                    (removed + 1).flatten(), (removed.shape[1],) * batch)
-        return encoded.view(batch, per_image, -1)[:, 0], predictions.view(batch, removed.shape[1], -1)
+        pooled = self.backbone.forward_head(encoded.view(batch, per_image, -1), pre_logits=True)
+        return pooled, predictions.view(batch, removed.shape[1], -1)
 
     def training_loss(self, batch: dict) -> StepOutput:
         images = batch["views"][0]
         kept, removed = self.random_masks(images.shape[0], images.device)
-        classes, predictions = self.reconstruct(images, kept, removed)
+        pooled, predictions = self.reconstruct(images, kept, removed)
         targets = _rows(patchify(images, self.patch), removed)
         loss = mae_loss(predictions, targets, self.normalize_targets)
-        return StepOutput(loss, classes, classes)
+        return StepOutput(loss, pooled, pooled)
 
     @torch.no_grad()
     def method_pictures(self, images: torch.Tensor, inputs: torch.Tensor, augment) -> Dict[str, object]:
