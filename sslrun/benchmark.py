@@ -616,7 +616,13 @@ def table(cfg: DictConfig, runs: List[PlannedRun]) -> str:
         by_method.setdefault(run.method, []).append(run)
     results = [MethodResults.read(cfg, m, r) for m, r in by_method.items()]
     protocols = _table_protocols(cfg, by_method)
-    headers = ["method", *[f"{PROTOCOLS[p]} top-1" for p in protocols], "kNN raw pixels", "kNN random init"]
+    # a protocol other than kNN that also trained from random init (fine-tune's baselines) gets the
+    # baseline's column beside its own; kNN's baselines have their columns below
+    columns = [(p, key) for p in protocols
+               for key in ("top1", "top1_random_init")
+               if key == "top1" or (p != "knn" and any(r.protocol(p, key) for r in results))]
+    headers = ["method", *[f"{PROTOCOLS[p]} {'top-1' if key == 'top1' else 'random init'}" for p, key in columns],
+               "kNN raw pixels", "kNN random init"]
     zero_shot = any(r.online("zero_shot_top1") for r in results)
     if zero_shot:
         headers.append("zero-shot top-1 (online)")
@@ -626,7 +632,7 @@ def table(cfg: DictConfig, runs: List[PlannedRun]) -> str:
         train_time = _mean(r.online("wall_time_sec"))
         eval_time = _mean(_numbers([sum(_numbers([e.get(p, {}).get("wall_time_sec") for p in e]))
                                     for e in r.evals]))
-        cells = [f"**{r.method}**", *[_mean_std(r.protocol(p)) for p in protocols],
+        cells = [f"**{r.method}**", *[_mean_std(r.protocol(p, key)) for p, key in columns],
                  _mean_std(r.baseline("pixels")), _mean_std(r.baseline("random_init"))]
         if zero_shot:
             cells.append(_mean_std(r.online("zero_shot_top1")))
@@ -694,7 +700,8 @@ def section(cfg: DictConfig, runs: List[PlannedRun], invocation: str) -> str:
         *(_protocol_settings(cfg, runs) or ["- no offline protocol in this suite"]), "",
         "Columns: mean ± sample standard deviation over the seeds that completed; kNN top-1 at k=20 "
         "(the kNN protocol's JSON has the other k); raw-pixel and random-init kNN from the kNN protocol "
-        "where it reports them, else from the run's online evaluation (summary.json); wall time: "
+        "where it reports them, else from the run's online evaluation (summary.json); a protocol's "
+        "'random init' column (fine-tune): the same protocol run from a seeded random init; wall time: "
         "training (its online evaluation included) + the offline protocols, mean per run; images/s: "
         f"training throughput, marked 'shared machine' where the machine's mean 1-minute load during "
         f"training was above {SHARED_LOAD:g} x its cores (something else ran beside it: its wall time "

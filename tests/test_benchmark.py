@@ -184,13 +184,18 @@ def test_a_methods_own_protocol_runs_for_it_only_and_gets_a_column(tmp_path, sui
         finish(run, 0.6, 0.5)
     assert {r.method: benchmark.missing_protocols(cfg, r) for r in runs} == {"simclr": [], "byol": ["finetune"]}
     assert benchmark.protocols_of(cfg, "byol")["finetune"] == ["protocol.max_steps=2"]
-    for run, top1 in zip([r for r in runs if r.method == "byol"], (0.7, 0.8)):
-        run.layout.eval_result("finetune").write_text(json.dumps({"top1": top1, "wall_time_sec": 5.0}))
+    for run, top1, baseline in zip([r for r in runs if r.method == "byol"], (0.7, 0.8), (0.4, 0.6)):
+        run.layout.eval_result("finetune").write_text(
+            json.dumps({"top1": top1, "top1_random_init": baseline, "wall_time_sec": 5.0}))
     assert not any(benchmark.missing_protocols(cfg, r) for r in runs)
     assert main(args) == 0
     markdown = (tmp_path / "results.md").read_text()
     rows = table_rows(markdown)
     assert rows["byol"]["fine-tune top-1"] == mean_std([0.7, 0.8]) and rows["simclr"]["fine-tune top-1"] == "–"
+    # fine-tuning's random-init baseline gets its own column, right after fine-tune's
+    assert rows["byol"]["fine-tune random init"] == mean_std([0.4, 0.6])
+    assert rows["simclr"]["fine-tune random init"] == "–"
+    assert list(rows["byol"]).index("fine-tune random init") == list(rows["byol"]).index("fine-tune top-1") + 1
     assert "- finetune (byol only): `python -m sslrun.evaluate RUN_DIR protocol=finetune protocol.max_steps=2`" in markdown
 
 
