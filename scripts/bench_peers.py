@@ -41,7 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-METHODS = ["simclr", "mocov2", "byol", "simsiam", "barlow_twins", "vicreg", "nnclr", "dino"]  # what lightly ships
+METHODS = ["simclr", "mocov2", "byol", "simsiam", "barlow_twins", "vicreg", "nnclr", "dino", "swav",
+           "lejepa"]  # what lightly ships
 SIDES = ("sslrun", "lightly")
 # Added to both sides: no evaluation while training (the shared one comes after), no pictures.
 COMMON = ["eval.enabled=false", "eval.pictures=0", "trainer.progress_bar=false"]
@@ -52,21 +53,23 @@ SKIP = 5  # steps not timed: worker start-up and warm-up (sslrun's Throughput ca
 
 def lightly_views(cfg):
     """sslrun's views as lightly transforms, one lightly view transform per view: BYOLView1Transform
-    (crops up to the whole image), DINO's views with DINOViewTransform, which takes a scale range
-    for the local crops. (Not DINOTransform: lightly 1.6 drops cj_strength for its second global
-    view, which then jitters at half the asked strength.)"""
+    (crops up to the whole image), multi-crop views (DINO, SwAV, LeJEPA: crops of several sizes)
+    with DINOViewTransform, which takes a scale range for the local crops. (Not DINOTransform or
+    SwaVTransform: lightly 1.6 drops cj_strength for DINO's second global view, which then jitters
+    at half the asked strength, and SwaVTransform gives every crop of a size the same scale.)"""
     from lightly.transforms import BYOLView1Transform, DINOViewTransform
     from lightly.transforms.multi_view_transform import MultiViewTransform
 
     normalize = {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}
     transforms = []
+    multi_crop = len({view.size for view in cfg.augmentation.views}) > 1
     for view in (view for view in cfg.augmentation.views for _ in range(view.count)):
         jitter = view.color_jitter
         common = dict(cj_prob=jitter.p, cj_strength=1.0, cj_bright=jitter.brightness, cj_contrast=jitter.contrast,
                       cj_sat=jitter.saturation, cj_hue=jitter.hue, random_gray_scale=view.grayscale_p,
                       gaussian_blur=view.blur_p, solarization_prob=view.solarize_p, sigmas=tuple(view.blur_sigma),
                       hf_prob=view.flip_p, normalize=normalize)
-        if cfg.method.name == "dino":
+        if multi_crop:
             transforms.append(DINOViewTransform(crop_size=view.size, crop_scale=tuple(view.scale), **common))
         elif view.scale[1] != 1.0:
             raise SystemExit(f"{cfg.method.name}: lightly's view transform crops up to scale 1.0, not {view.scale[1]}")
@@ -83,6 +86,7 @@ class LightlyMethod:
         import torch
         from lightly import loss as losses
         from lightly.models import modules as heads
+        from lightly.models.modules.memory_bank import MemoryBankModule
         from lightly.models.utils import deactivate_requires_grad
 
         m, name = cfg.method, cfg.method.name
@@ -152,9 +156,30 @@ class LightlyMethod:
                                                  m.warmup_teacher_temperature_epochs * steps_per_epoch),
                                              student_temp=m.student_temperature, center_momentum=m.center_momentum)
             self.global_crops = m.global_crops
+        elif name == "swav":  # lightly's SwaV example with its queue: a MemoryBankModule per global crop
+            self.head = heads.SwaVProjectionHead(features, hidden(m.projector), m.projector.out_dim)
+            self.prototypes = heads.SwaVPrototypes(m.projector.out_dim, m.prototypes, n_steps_frozen_prototypes=round(
+                m.freeze_prototypes_epochs * steps_per_epoch))
+            self.queues = torch.nn.ModuleList(
+                MemoryBankModule(size=(m.queue_size, m.projector.out_dim), feature_dim_first=False)
+                for _ in range(m.assignment_crops)) if m.queue_size else None
+            # lightly's bank starts as random rows and takes every batch; its rows join the codes
+            # from the step sslrun's queue first holds only real rows (sslrun's SwAV.queue_in_use)
+            self.queue_from = (round(m.queue_start_epochs * steps_per_epoch)
+                               + math.ceil(m.queue_size / cfg.data.batch_size))
+            self.criterion = losses.SwaVLoss(temperature=m.temperature, sinkhorn_iterations=m.sinkhorn_iterations,
+                                             sinkhorn_epsilon=m.sinkhorn_epsilon)
+            self.global_crops = m.assignment_crops
+        elif name == "lejepa":
+            self.head = heads.LeJEPAProjectionHead(features, hidden(m.projector), m.projector.out_dim,
+                                                   num_layers=m.projector.num_layers)
+            self.criterion = losses.LeJEPALoss(lambda_param=m.sigreg_weight, sigreg_knots=m.knots,
+                                               sigreg_t_max=m.t_max, sigreg_num_vectors=m.slices)
+            self.global_crops = m.global_crops
         else:
             raise SystemExit(f"method={name}: no lightly counterpart here; choose from {', '.join(METHODS)}")
-        trained = [backbone, self.head, *([self.predictor] if hasattr(self, "predictor") else [])]
+        trained = [backbone, self.head, *[getattr(self, extra) for extra in ("predictor", "prototypes")
+                                          if hasattr(self, extra)]]
         self.modules = torch.nn.ModuleList(trained)
         self.frozen = torch.nn.ModuleList([twin for _, twin in self.momentum_pairs])
 
@@ -200,6 +225,22 @@ class LightlyMethod:
             loss = self.criterion(teacher, student, epoch=step)
             self.criterion.update_center(torch.stack(teacher))  # DINO's centre: this batch's teacher outputs
             return loss
+        if name == "swav":
+            g = self.global_crops
+            self.prototypes.normalize()
+            z = [torch.nn.functional.normalize(self.head(b(v)), dim=1) for v in views]
+            scores = [self.prototypes(zi, step) for zi in z]
+            queued = None
+            if self.queues is not None:
+                with torch.no_grad():
+                    banks = [queue(zi.detach(), update=True)[1] for queue, zi in zip(self.queues, z[:g])]
+                    if step >= self.queue_from:
+                        queued = [self.prototypes(bank, step) for bank in banks]
+            return self.criterion(scores[:g], scores[g:], queued)
+        if name == "lejepa":
+            z = [self.head(b(v)) for v in views]
+            return self.criterion(local_proj=torch.stack(z[self.global_crops:]),
+                                  global_proj=torch.stack(z[:self.global_crops]))
         raise AssertionError(name)
 
 
@@ -446,8 +487,8 @@ def main() -> int:
                 run_side(side, method, seed, options.steps, root, options.overrides)
             for side in SIDES:
                 evaluate(root / method / f"{side}_seed{seed}")
-            write_results(Path(options.out), "peers", table(methods, seeds, root))
-    write_results(Path(options.out), "peers", table(methods, seeds, root))
+            write_results(Path(options.out), "peers", table(METHODS, seeds, root))
+    write_results(Path(options.out), "peers", table(METHODS, seeds, root))  # every method run so far
     print(f"table written to {options.out}")
     return 0
 

@@ -644,6 +644,35 @@ def table(cfg: DictConfig, runs: List[PlannedRun]) -> str:
     return "\n".join(lines + ([""] + ["Runs without numbers:", ""] + notes if notes else []))
 
 
+def knn_over_time(runs: List[PlannedRun]) -> str:
+    """kNN against wall time, one row per run that evaluated during training as well as before and
+    after it (summary.json's knn_history, the online evaluation's), and where it first crosses the
+    raw-pixel kNN of that same evaluation; '' when no run did."""
+    rows = []
+    for run in runs:
+        found = summary(run)
+        history = (found or {}).get("knn_history") or []
+        pixels = (found or {}).get("knn_top1_pixels")
+        if found is None or found.get("status") != "completed" or len(history) < 3 or pixels is None:
+            continue
+        points = " → ".join(f"{h['knn_top1']:.3f} ({h['step']}, {_duration(h['wall_time_sec'])})" for h in history)
+        crossing = next((h for h in history if h["knn_top1"] > pixels), None)
+        if crossing is not None:
+            crosses = f"at step {crossing['step']}, {_duration(crossing['wall_time_sec'])} ({crossing['knn_top1']:.3f})"
+        else:
+            best = max(h["knn_top1"] for h in history)
+            crosses = f"not within {_duration(history[-1]['wall_time_sec'])} (best {best:.3f})"
+        rows.append(f"| **{run.method}** | {run.seed} | {pixels:.3f} | {points} | {crosses} |")
+    if not rows:
+        return ""
+    return "\n".join([
+        "kNN against wall time: the online kNN of each evaluation (the run's own: its bank and queries, "
+        "eval_protocol in summary.json) as kNN (step, training wall time), from random init to the end, "
+        "and where it first passes the raw-pixel kNN of the same evaluation.", "",
+        "| method | seed | kNN raw pixels (online) | kNN (step, wall time) | passes raw pixels |",
+        "|---|---|---|---|---|", *rows])
+
+
 def _table_protocols(cfg: DictConfig, by_method: Dict[str, List[PlannedRun]]) -> List[str]:
     """The table's protocol columns: the suite's, then those only some methods have."""
     names = list(cfg.suite.protocols)
@@ -710,7 +739,8 @@ def section(cfg: DictConfig, runs: List[PlannedRun], invocation: str) -> str:
         f"days spread images/s: compare speeds within one session (scripts/bench_peers.py).", "",
         table(cfg, runs),
     ]
-    return "\n".join(lines)
+    over_time = knn_over_time(runs)
+    return "\n".join(lines + (["", over_time] if over_time else []))
 
 
 def write_results(out: Path, suite_name: str, text: str) -> None:

@@ -398,6 +398,7 @@ def summarize(run: Run) -> dict:
         "knn_top1_random_init": results.get("knn_top1_random_init"),
         "knn_top1_pixels": results.get("knn_top1_pixels"),
         "linear_probe_top1": results.get("linear_probe_top1"),
+        "knn_history": own.evaluation.history if own.evaluation is not None else [],
         "eval_protocol": own.evaluation.protocol() if own.evaluation is not None else "no online evaluation",
         "images_per_sec": own.throughput.images_per_sec,
         **own.throughput.summary(),  # flops_per_step, tflops_per_sec, mfu, peak_tflops, mfu_protocol

@@ -42,7 +42,7 @@ def tiny_args(tmp_path, suite_dir, *extra):
 
 
 def finish(run, knn=None, linear=None, status="completed", reason=None, wall=100.0, rate=250.0,
-           pixels=0.825, random_init=0.2, load=2.1):
+           pixels=0.825, random_init=0.2, load=2.1, history=()):
     """A run directory as the benchmark leaves it: benchmark.json with the planned command,
     summary.json, and the protocols' JSONs (those given)."""
     layout = run.layout
@@ -55,7 +55,8 @@ def finish(run, knn=None, linear=None, status="completed", reason=None, wall=100
     layout.summary.write_text(json.dumps({
         "method": run.method, "status": status, "reason": reason, "knn_top1": 0.5,
         "knn_top1_pixels": pixels, "knn_top1_random_init": random_init,
-        "wall_time_sec": wall, "images_per_sec": rate}))
+        "wall_time_sec": wall, "images_per_sec": rate,
+        "knn_history": [{"step": step, "wall_time_sec": t, "knn_top1": k} for step, t, k in history]}))
     for protocol, top1 in (("knn", knn), ("linear", linear)):
         if top1 is not None:
             layout.eval_dir.mkdir(exist_ok=True)
@@ -197,6 +198,27 @@ def test_a_methods_own_protocol_runs_for_it_only_and_gets_a_column(tmp_path, sui
     assert rows["simclr"]["fine-tune random init"] == "–"
     assert list(rows["byol"]).index("fine-tune random init") == list(rows["byol"]).index("fine-tune top-1") + 1
     assert "- finetune (byol only): `python -m sslrun.evaluate RUN_DIR protocol=finetune protocol.max_steps=2`" in markdown
+
+
+def test_knn_against_wall_time_says_where_each_run_passes_raw_pixels(tmp_path, suite_dir):
+    """A run evaluated during training gets a row of its knn_history and the first evaluation above
+    its raw-pixel kNN, or its best when none is; a run evaluated only before and after gets none."""
+    args = tiny_args(tmp_path, suite_dir, "seeds=2", "methods=[simclr,byol]", "mode=table")
+    histories = {("simclr", 0): [(0, 0.5, 0.3), (100, 70.0, 0.81), (200, 135.0, 0.84), (300, 200.0, 0.86)],
+                 ("simclr", 1): [(0, 0.5, 0.3), (100, 65.0, 0.80), (200, 130.0, 0.82)],
+                 ("byol", 0): [(0, 0.5, 0.3), (300, 190.0, 0.9)]}
+    for run in plan(compose_benchmark(args)):
+        finish(run, 0.6, 0.5, pixels=0.825, history=histories.get((run.method, run.seed), ()))
+    assert main(args) == 0
+    markdown = (tmp_path / "results.md").read_text()
+    rows = {(r[0].strip("*"), r[1]): r for r in (
+        [c.strip() for c in line.split("|")[1:-1]] for line in markdown.splitlines()
+        if line.startswith("| **") and line.count("|") == 6)}
+    assert set(rows) == {("simclr", "0"), ("simclr", "1")}
+    assert rows[("simclr", "0")][3] == "0.300 (0, 0s) → 0.810 (100, 1m 10s) → 0.840 (200, 2m 15s) → 0.860 (300, 3m 20s)"
+    assert rows[("simclr", "0")][4] == "at step 200, 2m 15s (0.840)"
+    assert rows[("simclr", "1")][4] == "not within 2m 10s (best 0.820)"
+    assert rows[("simclr", "0")][2] == "0.825"
 
 
 def test_train_records_the_machine_load_over_the_run(tmp_path, suite_dir, monkeypatch):

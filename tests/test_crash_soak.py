@@ -189,3 +189,7 @@ def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_result(strate
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
     assert read_summary(killed)["knn_top1"] == pytest.approx(read_summary(reference)["knn_top1"], abs=1e-6)
+    # every epoch's evaluation once, whatever the kills: kNN against wall time travels in the checkpoints
+    history, expected_history = summary["knn_history"], read_summary(reference)["knn_history"]
+    assert [h["step"] for h in history] == [h["step"] for h in expected_history]
+    assert [h["knn_top1"] for h in history] == pytest.approx([h["knn_top1"] for h in expected_history], abs=1e-6)

@@ -97,7 +97,7 @@ def test_bench_peers_maps_each_sslrun_view_to_a_lightly_view(lightly_loss):
     bench_peers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_peers)
     image = Image.fromarray((torch.rand(28, 28) * 255).to(torch.uint8).numpy(), mode="L")
-    for method in ("simclr", "byol", "dino"):
+    for method in ("simclr", "byol", "dino", "swav", "lejepa"):
         cfg = compose([f"method={method}"])
         views = [view for view in cfg.augmentation.views for _ in range(view.count)]
         transform = bench_peers.lightly_views(cfg)
