@@ -164,7 +164,8 @@ def build_data(cfg: DictConfig) -> Data:
     spec = registered()[cfg.method.name]
     captions = Captions(Tokenizer(cfg.method.text.context_length), list(cfg.method.prompts)) if spec.image_text else None
     module = SSLDataModule(cfg.data, cfg.augmentation.views, cfg.eval, processes=world_size(cfg),
-                           processes_per_node=cfg.trainer.devices, seed=cfg.seed, captions=captions)
+                           processes_per_node=cfg.trainer.devices, seed=cfg.seed, captions=captions,
+                           upscaled=spec.cls.upscaled_crops(cfg.method))
     splits = module.load()
     schedule, steps_per_epoch = lr_schedule(cfg, len(splits.train))
     evaluate = cfg.eval.enabled and splits.heldout is not None and splits.num_classes > 0

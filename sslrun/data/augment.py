@@ -18,11 +18,13 @@ inputs (one channel) skip the ops that need colour.
 
 import math
 from types import SimpleNamespace
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+
+from sslrun.data.transforms import Upscaled
 
 
 def grey(x: torch.Tensor) -> torch.Tensor:
@@ -159,8 +161,15 @@ def _where_images(mask: torch.Tensor, changed: torch.Tensor, original: torch.Ten
 class PhotometricAugment:
     """Turns the uint8 crops of a recipe into normalised, augmented float views, batched."""
 
-    def __init__(self, views: Sequence, mean: Sequence[float], std: Sequence[float]):
-        self.specs = [_plain(v) for v in views for _ in range(int(v.count))]
+    def __init__(self, views: Sequence, mean: Sequence[float], std: Sequence[float],
+                 upscaled: Optional[Upscaled] = None):
+        self.drawn = [_plain(v) for v in views for _ in range(int(v.count))]  # a parameter set each
+        # the upscaled copies (transforms.Upscaled) take their crop's spec and parameters, their
+        # blur scaled with their size, so that a copy is the same view at a higher resolution
+        self.upscaled = upscaled
+        copies = self.drawn[:upscaled.crops] if upscaled else []
+        self.specs = self.drawn + copies
+        self.scales = [1] * len(self.drawn) + [upscaled.factor if upscaled else 1] * len(copies)
         self.mean = torch.tensor(list(mean)).view(1, -1, 1, 1)
         self.std = torch.tensor(list(std)).view(1, -1, 1, 1)
 
@@ -170,19 +179,21 @@ class PhotometricAugment:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def draw(self, generator: torch.Generator) -> List[torch.Tensor]:
-        """One image's parameters for every crop of the recipe."""
-        return [draw_photometric(spec, generator) for spec in self.specs]
+        """One image's parameters for every crop of the recipe (and its upscaled copies')."""
+        params = [draw_photometric(spec, generator) for spec in self.drawn]
+        return params + (params[:self.upscaled.crops] if self.upscaled else [])
 
     def __call__(self, crops: List[torch.Tensor], params: List[torch.Tensor]) -> List[torch.Tensor]:
         """`crops[i]` uint8 [B, C, H, W] augmented with `params[i]` [B, NUM_PARAMS] (from `draw`)."""
         if len(crops) != len(self.specs) or len(params) != len(self.specs):
             raise ValueError(f"expected {len(self.specs)} crops and parameter sets, got {len(crops)} and {len(params)}")
-        return [self.normalize(self.augment(crop.float() / 255.0, spec, p.to(crop.device)))
-                for crop, spec, p in zip(crops, self.specs, params)]
+        return [self.normalize(self.augment(crop.float() / 255.0, spec, p.to(crop.device), scale))
+                for crop, spec, p, scale in zip(crops, self.specs, params, self.scales)]
 
     @staticmethod
-    def augment(x: torch.Tensor, spec, params: torch.Tensor) -> torch.Tensor:
-        """Colour jitter (each image's ops in its own order), greyscale, blur, solarize."""
+    def augment(x: torch.Tensor, spec, params: torch.Tensor, scale: int = 1) -> torch.Tensor:
+        """Colour jitter (each image's ops in its own order), greyscale, blur (its sigma in pixels
+        times `scale`: for a copy cut at `scale` times the spec's size), solarize."""
         jitter = spec.color_jitter
         ops = [(adjust_brightness, jitter.brightness, BRIGHTNESS), (adjust_contrast, jitter.contrast, CONTRAST),
                (adjust_saturation, jitter.saturation, SATURATION), (adjust_hue, jitter.hue, HUE)]
@@ -199,9 +210,9 @@ class PhotometricAugment:
             x = _where_images(params[:, GREY] > 0, grey(x).expand_as(x), x)
         blurred = params[:, BLUR] > 0
         if spec.blur_p > 0 and blurred.any():
-            kernel_size = 2 * math.ceil(3 * spec.blur_sigma[1]) + 1
+            kernel_size = 2 * math.ceil(3 * spec.blur_sigma[1] * scale) + 1
             x = x.clone()
-            x[blurred] = gaussian_blur(x[blurred], params[blurred, SIGMA].to(x.dtype), kernel_size)
+            x[blurred] = gaussian_blur(x[blurred], params[blurred, SIGMA].to(x.dtype) * scale, kernel_size)
         if spec.solarize_p > 0:
             x = _where_images(params[:, SOLARIZE] > 0, solarize(x), x)
         return x

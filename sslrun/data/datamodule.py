@@ -32,7 +32,7 @@ from sslrun.data.datasets import (IMAGE_MODES, CaptionFile, ClassCaptions, DataE
 from sslrun.data.shards import ShardStream
 from sslrun.data.sampler import GlobalBatchSampler
 from sslrun.data.tokenizer import Tokenizer
-from sslrun.data.transforms import CenterView, MultiCrop, sample_generator
+from sslrun.data.transforms import CenterView, MultiCrop, Upscaled, sample_generator
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +199,10 @@ def fixed_subset(dataset: Dataset, size: Optional[int], seed: int) -> Dataset:
 
 class SSLDataModule(L.LightningDataModule):
     def __init__(self, data_cfg, views_cfg, eval_cfg, processes: int, processes_per_node: int, seed: int,
-                 captions: Optional[Captions] = None):
+                 captions: Optional[Captions] = None, upscaled: Optional[Upscaled] = None):
         super().__init__()
         self.captions = captions  # image-text methods
+        self.upscaled = upscaled  # copies of crops at a higher resolution, batch["upscaled_views"]
         self.cfg, self.views_cfg, self.eval_cfg = data_cfg, views_cfg, eval_cfg
         self.processes, self.seed = processes, seed
         self.per_process_batch = data_cfg.batch_size // processes
@@ -209,7 +210,7 @@ class SSLDataModule(L.LightningDataModule):
         self.num_workers = (
             data_cfg.num_workers if data_cfg.num_workers is not None else default_num_workers(processes_per_node)
         )
-        self.augment = PhotometricAugment(views_cfg, data_cfg.mean, data_cfg.std)
+        self.augment = PhotometricAugment(views_cfg, data_cfg.mean, data_cfg.std, upscaled)
         self.device_crops: Optional[DeviceCrops] = None  # data.decode=device, once the training loader exists
         self.splits: Optional[Splits] = None
         self.stream: Optional[ShardStream] = None  # data=webdataset, once its loader exists
@@ -272,7 +273,7 @@ class SSLDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         train = self.load().train
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        views = TrainingViews(train, MultiCrop(self.views_cfg), self.augment, self.seed, self.captions)
+        views = TrainingViews(train, MultiCrop(self.views_cfg, self.upscaled), self.augment, self.seed, self.captions)
         if isinstance(train, Shards):
             return self._stream_loader(train, views, rank)
         sampler = GlobalBatchSampler(len(train), self.per_process_batch, self.processes, rank, self.seed)
@@ -352,7 +353,11 @@ class SSLDataModule(L.LightningDataModule):
         if isinstance(batch, dict) and "encoded" in batch:
             batch["views"] = self.device_crops(batch)
         if isinstance(batch, dict) and "views" in batch:
-            batch["views"] = self.augment(batch["views"], batch.pop("photometric"))
+            views = self.augment(batch["views"], batch.pop("photometric"))
+            recipe = len(self.augment.drawn)
+            batch["views"] = views[:recipe]
+            if self.upscaled:
+                batch["upscaled_views"] = views[recipe:]
         return batch
 
     def skipped_images(self) -> int:

@@ -10,7 +10,7 @@ differently sized source images must be cut one image at a time.
 """
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -59,28 +59,41 @@ def random_resized_crop_box(width: int, height: int, scale: Tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+class Upscaled(NamedTuple):
+    """The first `crops` crops of a recipe cut a second time from the same boxes of the source
+    image at `factor` times their size: a higher-resolution copy of the same view (DINOv3's Gram
+    teacher), not an upsampled one."""
+
+    crops: int
+    factor: int
+
+
 class MultiCrop:
-    """Cut every crop of a recipe from one image: global crops first, in spec order.
+    """Cut every crop of a recipe from one image: global crops first, in spec order, then the
+    `upscaled` copies (if any), which draw nothing: the recipe's crops are the same with or without.
 
     `boxes` draws the crops' geometry from the image's size alone, so data.decode=device draws the
     same boxes from a JPEG header that the CPU path draws from the decoded image."""
 
-    def __init__(self, views: Sequence):
+    def __init__(self, views: Sequence, upscaled: Optional[Upscaled] = None):
         self.crops: List[Tuple[int, Tuple[float, float], Tuple[float, float], float]] = [
             (int(v.size), tuple(v.scale), tuple(v.ratio), float(v.flip_p))
             for v in views
             for _ in range(int(v.count))
         ]
+        self.upscaled = upscaled
 
     @property
     def sizes(self) -> List[int]:
-        return [size for size, *_ in self.crops]
+        sizes = [size for size, *_ in self.crops]
+        return sizes + ([size * self.upscaled.factor for size in sizes[:self.upscaled.crops]] if self.upscaled else [])
 
     def boxes(self, width: int, height: int, generator: torch.Generator) -> List[Tuple[int, int, int, int, int]]:
         """(top, left, height, width, flipped) of every crop, drawn with `generator`."""
-        return [(*random_resized_crop_box(width, height, scale, ratio, generator),
-                 int(float(torch.rand(1, generator=generator)) < flip_p))
-                for _, scale, ratio, flip_p in self.crops]
+        boxes = [(*random_resized_crop_box(width, height, scale, ratio, generator),
+                  int(float(torch.rand(1, generator=generator)) < flip_p))
+                 for _, scale, ratio, flip_p in self.crops]
+        return boxes + (boxes[:self.upscaled.crops] if self.upscaled else [])
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> List[torch.Tensor]:
         return [self._cut(image, size, box) for size, box in zip(self.sizes, self.boxes(*image.size, generator))]

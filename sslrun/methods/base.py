@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from sslrun.data.transforms import Upscaled
 from sslrun.distributed.fsdp import fsdp_options, shard_method
 from sslrun.optim import WarmupCosine, build_optimizer, parameter_groups
 from sslrun.redaction import redact
@@ -30,6 +31,12 @@ class StepOutput:
 
 class SSLMethod(L.LightningModule):
     skip_momentum_update = False  # set by the non-finite guard for a step whose update it drops
+
+    @staticmethod
+    def upscaled_crops(method_cfg) -> Optional[Upscaled]:
+        """Higher-resolution copies of some crops the method needs in its batches (as
+        batch["upscaled_views"]), cut by the data pipeline from the source images; none here."""
+        return None
 
     def __init__(self, backbone: nn.Module, optimizer_cfg, lr_schedule: WarmupCosine,
                  num_classes: Optional[int], steps_per_epoch: int, config: Optional[dict] = None,

@@ -11,6 +11,7 @@ from omegaconf import MISSING
 from sslrun.config.errors import require
 from sslrun.config.schema import DINOHeadSpec
 from sslrun.data.masking import batch_masks
+from sslrun.data.transforms import Upscaled
 from sslrun.distributed import all_reduce_sum, rank
 from sslrun.losses import (
     centered_teacher_probs, dino_loss, entropy, gram_loss, ibot_patch_loss, koleo_loss, mean_over_batch,
@@ -107,6 +108,14 @@ class DINOv2(DINO):
             self.gram_teacher = MomentumEncoder([self.teacher_modules()[0]])
             self.gram_start, self.gram_every = gram.start_step, gram.refresh_every
 
+    @staticmethod
+    def upscaled_crops(method_cfg) -> Optional[Upscaled]:
+        """DINOv3's high-resolution Gram teacher: the global crops cut again from the images at
+        gram.teacher_upscale times their size."""
+        gram = method_cfg.gram
+        return Upscaled(method_cfg.global_crops, gram.teacher_upscale) if gram.weight > 0 and gram.teacher_upscale > 1 \
+            else None
+
     def gram_active(self, step: int) -> bool:
         return self._modules.get("gram_teacher") is not None and step >= self.gram_start
 
@@ -118,19 +127,21 @@ class DINOv2(DINO):
         return since == 0 or (self.gram_every is not None and since % self.gram_every == 0)
 
     @torch.no_grad()
-    def gram_targets(self, global_views) -> torch.Tensor:
+    def gram_targets(self, global_views, upscaled_views=None) -> torch.Tensor:
         """The Gram teacher's patch features of the (unmasked) global crops, [crops * B, patches, D].
 
         With `gram.teacher_upscale` k > 1 (DINOv3's high-resolution refinement) the teacher sees
-        the crops at k times their size, k x k patches for each of the student's, and its feature
-        map is resized (bicubic) back to the student's grid: smoother, higher-resolution patch
-        similarities to anchor to. DINOv3 draws the teacher's crops from the image at that size;
-        here they are the student's crops upsampled (bicubic)."""
-        backbone, upscale = self.gram_teacher.encoder[0], self.cfg.gram.teacher_upscale
+        `upscaled_views`, the same crops cut from the images at k times their size (the data
+        pipeline's `upscaled_crops`), k x k patches for each of the student's, and its feature map
+        is resized (bicubic) back to the student's grid: smoother, higher-resolution patch
+        similarities to anchor to."""
+        backbone = self.gram_teacher.encoder[0]
         student_grid = tuple(self.backbone.patch_embed.dynamic_feat_size(global_views[0].shape[-2:]))
-        if upscale > 1:
-            global_views = [F.interpolate(v, scale_factor=upscale, mode="bicubic", align_corners=False)
-                            for v in global_views]
+        if self.upscaled_crops(self.cfg) is not None:
+            if upscaled_views is None:
+                raise ValueError("method.gram.teacher_upscale > 1: the batch has no upscaled_views "
+                                 "(the data module builds them from the method's upscaled_crops)")
+            global_views = upscaled_views
         tokens = self.forward_crops(backbone, global_views)
         patches = torch.cat([patch_tokens(backbone, t) for t in tokens])
         teacher_grid = tuple(backbone.patch_embed.dynamic_feat_size(global_views[0].shape[-2:]))
@@ -209,7 +220,8 @@ class DINOv2(DINO):
         if self.gram_active(self.global_step):
             if self.gram_refresh_due(self.global_step):
                 self.gram_teacher.update([self.teacher_modules()[0]], 0.0)  # momentum 0: the EMA teacher, copied
-            gram = gram_loss(student_patches, self.gram_targets(globals_), self.cfg.gram.clamp_negative)
+            gram = gram_loss(student_patches, self.gram_targets(globals_, batch.get("upscaled_views")),
+                             self.cfg.gram.clamp_negative)
             loss = loss + self.cfg.gram.weight * gram
             extra = {"gram_loss": gram.detach()}
 

@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
 from PIL import Image
 
 from sslrun.data import augment as A
-from sslrun.data.transforms import CenterView, MultiCrop, random_resized_crop_box, sample_generator, to_tensor
+from sslrun.data.transforms import (CenterView, MultiCrop, Upscaled, random_resized_crop_box, sample_generator,
+                                   to_tensor)
 
 
 @pytest.fixture
@@ -162,3 +164,37 @@ def test_center_view_resizes_and_crops():
     assert tuple(view(image).shape) == (3, 32, 32)
     same = Image.fromarray((torch.rand(28, 28) * 255).byte().numpy())
     assert torch.equal(CenterView(28, 1.0)(same), to_tensor(same))
+
+
+def test_an_upscaled_copy_gets_its_crops_parameters_and_a_blur_scaled_with_it():
+    """PhotometricAugment with transforms.Upscaled: the recipe's draws are unchanged, each copy
+    takes its crop's parameters, and its blur sigma (in pixels) grows with its size, so a copy at
+    2x brought back to the crop's size is the crop's blurred view (an unscaled sigma is not)."""
+    blur_only = spec(count=1, size=16, color_jitter={"p": 0.0, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0,
+                                                     "hue": 0.0}, grayscale_p=0.0, blur_p=1.0, blur_sigma=[1.5, 2.0],
+                     solarize_p=0.0)
+    views = [blur_only, spec(count=2, size=8)]
+    plain = A.PhotometricAugment(views, mean=[0.0] * 3, std=[1.0] * 3)
+    upscaled = A.PhotometricAugment(views, mean=[0.0] * 3, std=[1.0] * 3, upscaled=Upscaled(crops=1, factor=2))
+    params = upscaled.draw(torch.Generator().manual_seed(4))
+    assert all(torch.equal(a, b) for a, b in zip(plain.draw(torch.Generator().manual_seed(4)), params[:3]))
+    assert len(params) == 4 and torch.equal(params[3], params[0])
+    # a smooth image at 32 px and the same image at 16 px
+    y, x = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
+    large = torch.stack([torch.sin(6 * x) * 0.5 + 0.5, y, (x * y)]).expand(2, 3, 32, 32)
+    step = torch.zeros(2, 3, 32, 32)
+    step[..., 12:20, 12:20] = 1.0  # and a square: what the blur changes
+    large = (0.3 * large + 0.7 * step).clamp(0, 1)
+    small = F.interpolate(large, size=(16, 16), mode="area")
+    batch = [torch.stack([p] * 2) for p in params]
+    to_uint8 = lambda t: (t * 255).round().to(torch.uint8)  # noqa: E731
+    crops = [to_uint8(small), torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+             to_uint8(large)]
+    out = upscaled(crops, batch)
+    assert [tuple(v.shape[-2:]) for v in out] == [(16, 16), (8, 8), (8, 8), (32, 32)]
+    inside = (..., slice(3, -3), slice(3, -3))  # the borders' padding differs with the size
+    back = F.interpolate(out[3], size=(16, 16), mode="area")
+    assert (back - out[0]).abs()[inside].max() < 0.03
+    unscaled = F.interpolate(A.PhotometricAugment.augment(large, upscaled.specs[3], batch[3]), size=(16, 16),
+                             mode="area")
+    assert (unscaled - out[0]).abs()[inside].max() > 0.1

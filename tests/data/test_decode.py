@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -15,7 +16,7 @@ from sslrun.__main__ import check_overrides
 from sslrun.data.datamodule import Captions, SSLDataModule
 from sslrun.data.datasets import IMAGE_MODES, DataError, open_image, read_encoded
 from sslrun.data.tokenizer import Tokenizer
-from sslrun.data.transforms import MultiCrop, sample_generator, to_tensor
+from sslrun.data.transforms import MultiCrop, Upscaled, sample_generator, to_tensor
 from tests.conftest import read_summary, run_cli
 from tests.data.test_data import EVAL, data_cfg
 
@@ -55,10 +56,11 @@ def make_folder(root, extra=()):
         (root / "train" / name).write_bytes(content)
 
 
-def module(root, decode, channels=3, workers=0, captions=None):
+def module(root, decode, channels=3, workers=0, captions=None, upscaled=None):
     cfg = data_cfg("imagefolder", root=str(root), train_dir="train", val_dir="val", channels=channels,
                    mean=[0.5] * channels, std=[0.5] * channels, batch_size=4, num_workers=workers, decode=decode)
-    return SSLDataModule(cfg, MULTI_CROP, EVAL, processes=1, processes_per_node=1, seed=3, captions=captions)
+    return SSLDataModule(cfg, MULTI_CROP, EVAL, processes=1, processes_per_node=1, seed=3, captions=captions,
+                         upscaled=upscaled)
 
 
 def assert_same_crops(cpu_views, device_views):
@@ -169,3 +171,31 @@ def test_decode_device_is_checked_up_front(tmp_path):
     make_folder(tmp_path)
     with pytest.raises(DataError, match="image-text methods decode on the CPU; use data.decode=cpu"):
         module(tmp_path, "device", captions=Captions(Tokenizer(8), ["a photo of a {}."])).load()
+
+
+def test_upscaled_copies_are_the_global_crops_cut_again_at_a_higher_resolution(tmp_path):
+    """A method's upscaled_crops (DINOv3's Gram teacher): the global crops cut a second time from
+    the same boxes of the source image at 2x their size, with their crop's photometric parameters
+    and its blur scaled, on both decode paths. The recipe's views stay what they are without them,
+    and a copy brought back to its crop's size is that crop's view."""
+    make_folder(tmp_path)
+    upscaled = Upscaled(crops=2, factor=2)
+    plain, cpu_module, device_module = (module(tmp_path, "cpu"), module(tmp_path, "cpu", upscaled=upscaled),
+                                        module(tmp_path, "device", upscaled=upscaled))
+    for reference, cpu, device in zip(*(m.train_dataloader() for m in (plain, cpu_module, device_module))):
+        assert [tuple(v.shape[-2:]) for v in cpu["views"]] == [(24, 24)] * 2 + [(12, 12)] * 3 + [(48, 48)] * 2
+        assert all(torch.equal(a, b) for a, b in zip(reference["views"], cpu["views"][:5]))
+        assert all(torch.equal(a, b) for a, b in zip(reference["photometric"], cpu["photometric"][:5]))
+        assert all(torch.equal(a, b) for a, b in zip(cpu["photometric"][5:], cpu["photometric"][:2]))
+        assert_same_crops(cpu["views"], device_module.device_crops(dict(device)))
+        reference = plain.on_after_batch_transfer(reference, 0)
+        cpu = cpu_module.on_after_batch_transfer(cpu, 0)
+        assert all(torch.equal(a, b) for a, b in zip(reference["views"], cpu["views"]))
+        for batch in (cpu, device_module.on_after_batch_transfer(device, 0)):
+            assert set(batch) == {"views", "upscaled_views", "label", "index"} and len(batch["views"]) == 5
+            for view, copy in zip(batch["views"][:2], batch["upscaled_views"]):
+                assert copy.shape[-1] == 2 * view.shape[-1]
+                # the same augmented view at twice the resolution (2 px of border aside, as above)
+                down = F.interpolate(copy, size=view.shape[-2:], mode="bilinear", antialias=True)
+                difference = (down - view).abs()[..., 2:-2, 2:-2]
+                assert difference.mean() < 0.05, difference.mean()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sslrun.config import ConfigError
+from sslrun.data.transforms import Upscaled
 from sslrun.losses import gram_loss
 from sslrun.methods.dinov2 import DINOv2
 from tests.conftest import column, needs_fashion_mnist, read_metrics, read_summary, run_cli
@@ -103,20 +104,29 @@ def test_the_gram_teacher_is_the_ema_teacher_of_its_last_refresh(monkeypatch):
     assert not any(p.requires_grad for p in gram.parameters())
 
 
-def test_a_high_resolution_gram_teacher_is_resized_to_the_students_grid(monkeypatch):
+def test_a_high_resolution_gram_teacher_reads_the_upscaled_crops_resized_to_the_students_grid(monkeypatch):
+    """teacher_upscale=2: the method asks the data pipeline for its global crops cut again at 2x
+    (upscaled_crops; tests/data/test_decode.py checks the cutting), the Gram teacher embeds those
+    and its 8 x 8 feature map is resized (bicubic) to the student's 4 x 4 grid."""
     _at_step(monkeypatch, 0)
     method, cfg = tiny_method("dinov2", *GRAM_ON, "method.gram.teacher_upscale=2")
+    assert DINOv2.upscaled_crops(cfg.method) == Upscaled(crops=2, factor=2)
+    assert DINOv2.upscaled_crops(tiny_cfg("dinov2", *GRAM_ON).method) is None  # the crops' own size
+    assert DINOv2.upscaled_crops(tiny_cfg("dinov2", "method.gram.teacher_upscale=2").method) is None  # Gram off
     views = tiny_batch(cfg)["views"][:2]
-    targets = method.gram_targets(views)
+    upscaled = [torch.randn(BATCH, cfg.data.channels, 56, 56, generator=torch.Generator().manual_seed(i))
+                for i in range(2)]
+    targets = method.gram_targets(views, upscaled)
     vit = method.gram_teacher.encoder[0]
     expected = []
-    for view in views:
-        large = F.interpolate(view, size=(56, 56), mode="bicubic", align_corners=False)
+    for large in upscaled:
         patches = vit.forward_features(large)[:, vit.num_prefix_tokens:]  # an 8 x 8 grid of 7 px patches
         grid = patches.transpose(1, 2).unflatten(2, (8, 8))
         expected.append(F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2))
     assert targets.shape == (2 * BATCH, 16, vit.num_features)
     torch.testing.assert_close(targets, torch.cat(expected), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no upscaled_views"):
+        method.gram_targets(views)
 
 
 def test_gram_settings_are_checked():
