@@ -588,7 +588,6 @@ def _speed_method(device, budget, overrides: list, batch: int, variants: dict, w
     alternation (each round's seed the same for all), median seconds. FLOPs of one step:
     `count_flops` over the eager copy's forward + backward (teacher forward included; the optimizer
     step and EMA are elementwise, not counted)."""
-    from sslrun.models.attention import countable_attention
     from sslrun.models.flops import count_flops, peak_flops
 
     cuda = device.type == "cuda"
@@ -648,8 +647,7 @@ def _speed_method(device, budget, overrides: list, batch: int, variants: dict, w
     eager = models.get("eager")
     flops = None
     if eager:
-        with countable_attention(eager[0], device):
-            flops = count_flops(lambda: forward_backward(eager[0]))
+        flops = count_flops(lambda: forward_backward(eager[0]), eager[0], device)
         eager[0].zero_grad(set_to_none=True)
     peak = peak_flops(torch.cuda.get_device_name(device) if cuda else None, "bf16")
     result.update(flops_per_step=flops, peak_tflops=peak / 1e12 if peak else None, rounds=len(times[next(iter(models))]))

@@ -8,7 +8,6 @@ from typing import Optional
 import lightning as L
 import torch
 
-from sslrun.models.attention import countable_attention
 from sslrun.models.flops import compute_dtype, flop_counter, matmul_dtype, peak_flops, tf32_matmuls
 
 
@@ -47,8 +46,7 @@ class Throughput(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.flops_per_step is None and self._counting is None:
             self._counting = ExitStack()
-            self._counting.enter_context(countable_attention(pl_module, pl_module.device))
-            self._counter = self._counting.enter_context(flop_counter())
+            self._counter = self._counting.enter_context(flop_counter(pl_module, pl_module.device))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         counted = self._counting is not None

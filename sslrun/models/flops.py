@@ -11,7 +11,7 @@ forward runs under the counter, so it is counted too.
 """
 
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -48,20 +48,30 @@ class _TotalOnly:
 
 
 @contextmanager
-def flop_counter() -> Iterator[FlopCounterMode]:
+def flop_counter(model: Optional[torch.nn.Module] = None,
+                 device: Optional[torch.device] = None) -> Iterator[FlopCounterMode]:
     """torch's FLOP counter over what runs inside (`.get_total_flops()`), with CPU attention counted.
 
     Compiled code runs eagerly inside (a compiled kernel's ops are invisible to the counter).
-    A packed ViT on flex or xformers is counted right only inside models.attention.countable_attention."""
+    With `model`, its packed ViTs are resolved for `device` first and counted as SDPA
+    (models.attention.countable_attention): flex and xformers are not countable."""
+    from sslrun.models.attention import countable_attention
+
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
     counter.mod_tracker = _TotalOnly()
-    with torch.compiler.set_stance("force_eager"), counter:
+    with ExitStack() as stack:
+        if model is not None:
+            stack.enter_context(countable_attention(model, device or torch.device("cpu")))
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
+        stack.enter_context(counter)
         yield counter
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    """The FLOPs of `fn()`: run a forward and its backward inside to count both."""
-    with flop_counter() as counter:
+def count_flops(fn: Callable[[], object], model: Optional[torch.nn.Module] = None,
+                device: Optional[torch.device] = None) -> int:
+    """The FLOPs of `fn()` (run a forward and its backward inside to count both); `model` and
+    `device` as for flop_counter."""
+    with flop_counter(model, device) as counter:
         fn()
     return counter.get_total_flops()
 
