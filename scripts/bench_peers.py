@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 METHODS = ["simclr", "mocov2", "byol", "simsiam", "barlow_twins", "vicreg", "nnclr", "dino", "swav",
-           "lejepa"]  # what lightly ships
+           "lejepa", "mae"]  # what lightly ships
 SIDES = ("sslrun", "lightly")
 # Added to both sides: no evaluation while training (the shared one comes after), no pictures.
 COMMON = ["eval.enabled=false", "eval.pictures=0", "trainer.progress_bar=false"]
@@ -170,6 +170,16 @@ class LightlyMethod:
             self.criterion = losses.SwaVLoss(temperature=m.temperature, sinkhorn_iterations=m.sinkhorn_iterations,
                                              sinkhorn_epsilon=m.sinkhorn_epsilon)
             self.global_crops = m.assignment_crops
+        elif name == "mae":  # lightly's MAE example: its masked ViT around the same timm model, its decoder
+            d = m.decoder
+            self.encoder = heads.MaskedVisionTransformerTIMM(vit=backbone)
+            self.patch_size = backbone.patch_embed.patch_size[0]
+            self.decoder = heads.MaskedVisionTransformerDecoderTIMM(
+                num_patches=backbone.patch_embed.num_patches, embed_dim=d.width, depth=d.depth, num_heads=d.heads)
+            self.head = torch.nn.ModuleList([  # decoder embedding, decoder, pixel prediction
+                torch.nn.Linear(backbone.embed_dim, d.width), self.decoder,
+                torch.nn.Linear(d.width, self.patch_size ** 2 * cfg.data.channels)])
+            self.mask_ratio, self.normalize_targets = m.mask_ratio, m.normalize_targets
         elif name == "lejepa":
             self.head = heads.LeJEPAProjectionHead(features, hidden(m.projector), m.projector.out_dim,
                                                    num_layers=m.projector.num_layers)
@@ -237,6 +247,22 @@ class LightlyMethod:
                     if step >= self.queue_from:
                         queued = [self.prototypes(bank, step) for bank in banks]
             return self.criterion(scores[:g], scores[g:], queued)
+        if name == "mae":
+            from lightly.models import utils
+
+            images = views[0]
+            batch = images.shape[0]
+            keep, masked = utils.random_token_mask((batch, self.encoder.sequence_length), self.mask_ratio,
+                                                   device=images.device)
+            embed, decoder, predict = self.head
+            encoded = embed(self.encoder.encode(images=images, idx_keep=keep))
+            tokens = utils.set_at_index(encoded.new_zeros(batch, decoder.sequence_length, encoded.shape[-1]),
+                                        keep, encoded)
+            prediction = predict(utils.get_at_index(decoder(tokens, idx_mask=masked), masked))
+            target = utils.get_at_index(utils.patchify(images, self.patch_size), masked - 1)  # no class token
+            if self.normalize_targets:  # the paper's per-patch normalised pixels (its norm_pix_loss)
+                target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+            return torch.nn.functional.mse_loss(prediction, target)
         if name == "lejepa":
             z = [self.head(b(v)) for v in views]
             return self.criterion(local_proj=torch.stack(z[self.global_crops:]),

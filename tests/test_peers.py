@@ -97,7 +97,7 @@ def test_bench_peers_maps_each_sslrun_view_to_a_lightly_view(lightly_loss):
     bench_peers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_peers)
     image = Image.fromarray((torch.rand(28, 28) * 255).to(torch.uint8).numpy(), mode="L")
-    for method in ("simclr", "byol", "dino", "swav", "lejepa"):
+    for method in ("simclr", "byol", "dino", "swav", "lejepa", "mae"):
         cfg = compose([f"method={method}"])
         views = [view for view in cfg.augmentation.views for _ in range(view.count)]
         transform = bench_peers.lightly_views(cfg)
@@ -108,8 +108,9 @@ def test_bench_peers_maps_each_sslrun_view_to_a_lightly_view(lightly_loss):
             assert crop.size == [view.size, view.size] or tuple(crop.size) == (view.size, view.size), method
             assert tuple(crop.scale) == pytest.approx(tuple(view.scale)), method
             assert steps["RandomHorizontalFlip"].p == view.flip_p and jitter.p == view.color_jitter.p
-            assert jitter.transforms[0].brightness == pytest.approx((1 - view.color_jitter.brightness,
-                                                                      1 + view.color_jitter.brightness))
+            brightness = view.color_jitter.brightness  # torchvision keeps no range for a strength of 0
+            assert jitter.transforms[0].brightness == (pytest.approx((1 - brightness, 1 + brightness))
+                                                       if brightness else None)
             assert steps["RandomGrayscale"].p == view.grayscale_p
             assert steps["GaussianBlur"].prob == view.blur_p and steps["RandomSolarization"].prob == view.solarize_p
             normalize = steps["Normalize"]

@@ -227,3 +227,20 @@ def test_mae_learns_on_the_quick_recipe_cut_short(tmp_path):
     assert not_collapsed(summary), summary
     losses = [v for _, v in column(read_metrics(tmp_path), "train/loss")]
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+
+
+def test_ijepa_learns_on_the_quick_recipe_at_half_the_batch(tmp_path):
+    """The quick recipe's 600 steps (tuning/quick_ijepa.yaml) at batch 32 with the recipe's lr
+    (base_lr doubled against the linear rule): the prediction loss falls, the embedding does not
+    collapse and the pooled context encoder's kNN moves above random init. Measured 2026-12-04:
+    kNN 0.602 against 0.529, the loss 0.47 at step 0 and 0.06 at the end, effective rank 5.0.
+    (At batch 64, 300 steps gave 0.536 against 0.529: I-JEPA needs the steps, not the images.)"""
+    run_cli("method=ijepa", "data.batch_size=32", "optimizer.base_lr=1.2e-2", "trainer.max_steps=600",
+            "data.num_workers=0", "eval.pictures=0", "eval.knn.bank_size=5000", "eval.knn.query_size=2000",
+            "trainer.progress_bar=false", "trainer.log_every_n_steps=10", f"hydra.run.dir={tmp_path}")
+    summary = read_summary(tmp_path)
+    assert summary["global_step"] == 600
+    assert summary["knn_top1"] > summary["knn_top1_random_init"] + 0.04, summary
+    assert not_collapsed(summary), summary
+    losses = [v for _, v in column(read_metrics(tmp_path), "train/loss")]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
