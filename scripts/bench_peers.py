@@ -20,8 +20,10 @@ sides (the wall time between consecutive training steps, data loading included, 
 step on). Then both backbones go through one shared evaluation: `python -m sslrun.evaluate
 RUN_DIR protocol=knn` (the lightly loop writes a run directory sslrun.evaluate reads: the
 composed config, backbone.safetensors, summary.json). Results: run directories under
-benchmarks/peers/<method>/<side>_seed<S>/, the table in docs/benchmarks.md. Finished runs and
-evaluations are not redone (resumable).
+benchmarks/peers/<method>/<side>_seed<S>/, their summary.json and eval/knn.json kept (kilobytes)
+under docs/results/peers/ (`--records`) so that a later checkout rewrites the table without the
+runs, the table in docs/benchmarks.md. A method with neither keeps its row of the table already
+there. Finished runs and evaluations are not redone (resumable).
 
 lightly is a benchmark-only extra (`make peers`: `pip install --no-deps lightly==1.6.0`, so its
 pins cannot replace torch); sslrun never imports it.
@@ -31,12 +33,14 @@ import argparse
 import copy
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -433,27 +437,63 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def table(methods, seeds, root: Path) -> str:
+RECORDED = ("batch.json", "summary.json", "eval/knn.json")  # what the table reads, per method or run
+
+
+def save_records(root: Path, records: Path, method: str) -> None:
+    """Copy what the table reads of `method`'s runs under root into records (the same layout)."""
+    for source in sorted((root / method).rglob("*.json")):
+        relative = source.relative_to(root)
+        if any(str(relative).endswith(name) for name in RECORDED):
+            target = records / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(source.read_text())
+
+
+def _found(root: Path, records: Path, relative: str) -> dict:
+    """A run's JSON from its run directory, else from the records."""
+    return _read(root / relative) or _read(records / relative)
+
+
+def existing_rows(out: Path) -> Tuple[dict, str]:
+    """method -> its row in the peer table already in `out` (for methods with no runs or records),
+    and when those rows were written."""
+    text = out.read_text() if out.is_file() else ""
+    begin, end = "<!-- sslrun.benchmark suite=peers: begin -->", "<!-- sslrun.benchmark suite=peers: end -->"
+    if begin not in text or end not in text:
+        return {}, ""
+    section = text[text.index(begin):text.index(end)]
+    written = re.search(r"kept as they were, written (.+?) \(", section) or re.search(r"Written (\S+ \S+ \S+)", section)
+    rows = {line.split("**")[1]: line for line in section.splitlines() if line.startswith("| **")}
+    return rows, written.group(1) if written else "earlier"
+
+
+def table(methods, seeds, root: Path, records: Path, carried: Tuple[dict, str]) -> str:
+    """The peer table from the runs (or their records); `carried` rows for methods with neither."""
     from sslrun.benchmark import _mean_std, machine
 
     lines = ["| method | sslrun images/s | lightly images/s | sslrun / lightly (pairs) | sslrun kNN top-1 | "
              "lightly kNN top-1 | seeds | steps x batch |", "|---|---|---|---|---|---|---|---|"]
+    kept = []
     for method in methods:
         rates, knn, ratios, steps = {s: [] for s in SIDES}, {s: [] for s in SIDES}, [], set()
         for seed in seeds:
-            found = {s: _read(root / method / f"{s}_seed{seed}" / "summary.json") for s in SIDES}
+            found = {s: _found(root, records, f"{method}/{s}_seed{seed}/summary.json") for s in SIDES}
             for side in SIDES:
                 if found[side].get("images_per_sec"):
                     rates[side].append(found[side]["images_per_sec"])
-                top1 = _read(root / method / f"{side}_seed{seed}" / "eval" / "knn.json").get("top1")
+                top1 = _found(root, records, f"{method}/{side}_seed{seed}/eval/knn.json").get("top1")
                 if top1 is not None:
                     knn[side].append(top1)
                 steps.add(found[side].get("global_step"))
             if all(found[s].get("images_per_sec") for s in SIDES):
                 ratios.append(found["sslrun"]["images_per_sec"] / found["lightly"]["images_per_sec"])
         if not any(rates.values()):
+            if method in carried[0]:
+                lines.append(carried[0][method])
+                kept.append(method)
             continue
-        config = _read(root / method / "batch.json")
+        config = _found(root, records, f"{method}/batch.json")
         ratio = (f"{statistics.mean(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})" if ratios else "–")
         lines.append(" | ".join([
             f"| **{method}**", *(f"{statistics.mean(rates[s]):.0f}" if rates[s] else "–" for s in SIDES), ratio,
@@ -466,7 +506,9 @@ def table(methods, seeds, root: Path) -> str:
               f"config; kNN: `python -m sslrun.evaluate RUN_DIR protocol=knn` (k=20, whole training split as "
               f"bank) on both; images/s: mean over seeds, the ratio per seed from runs trained one after the "
               f"other (which side first alternates).")
-    return header + "\n\n" + "\n".join(lines)
+    note = (f"\n\nRows of an earlier run of this script, kept as they were, written {carried[1]} (no runs or "
+            f"records of theirs here): {', '.join(kept)}." if kept else "")
+    return header + "\n\n" + "\n".join(lines) + note
 
 
 def _lightly_version() -> str:
@@ -493,6 +535,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: each quick recipe's)")
     parser.add_argument("--root", default=str(REPO / "benchmarks" / "peers"))
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    parser.add_argument("--records", default=str(REPO / "docs" / "results" / "peers"),
+                        help="where each run's summary.json and eval/knn.json are kept for later tables")
     parser.add_argument("--table", action="store_true", help="only rewrite the table from the run directories")
     parser.add_argument("overrides", nargs="*", help="more sslrun overrides for both sides (data=mnist5k ...)")
     options = parser.parse_args()
@@ -500,6 +544,7 @@ def main() -> int:
     from sslrun.config import compose
 
     methods, seeds, root = options.methods.split(","), list(range(options.seeds)), Path(options.root)
+    records, carried = Path(options.records), existing_rows(Path(options.out))
     bad = [m for m in methods if m not in METHODS]
     if bad:
         parser.error(f"--methods: {bad[0]} has no lightly counterpart here; choose from {', '.join(METHODS)}")
@@ -513,8 +558,9 @@ def main() -> int:
                 run_side(side, method, seed, options.steps, root, options.overrides)
             for side in SIDES:
                 evaluate(root / method / f"{side}_seed{seed}")
-            write_results(Path(options.out), "peers", table(METHODS, seeds, root))
-    write_results(Path(options.out), "peers", table(METHODS, seeds, root))  # every method run so far
+            save_records(root, records, method)
+            write_results(Path(options.out), "peers", table(METHODS, seeds, root, records, carried))
+    write_results(Path(options.out), "peers", table(METHODS, seeds, root, records, carried))  # every method so far
     print(f"table written to {options.out}")
     return 0
 

@@ -166,3 +166,37 @@ def test_sigreg_and_lejepa_loss_equal_lightlys(lightly_loss):
     loss.sigreg._generate_unit_vectors = lambda device, dtype, features: directions
     ours, _, _ = lejepa_loss(views, 2, directions, 0.05)
     torch.testing.assert_close(ours, loss(local_proj=views[2:], global_proj=views[:2]))
+
+
+def test_bench_peers_table_reads_runs_or_their_records_and_keeps_older_rows(tmp_path):
+    """The peer table from run directories, else from the records kept in the repository (a new
+    checkout has no runs), and an earlier table's row for a method with neither, said so."""
+    import importlib.util
+    import json
+
+    from sslrun.benchmark import write_results
+
+    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "scripts" / "bench_peers.py")
+    bench_peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_peers)
+    root, records, out = tmp_path / "runs", tmp_path / "records", tmp_path / "benchmarks.md"
+    for seed, (ours, theirs) in enumerate([(300.0, 200.0), (330.0, 300.0)]):
+        for side, rate, top1 in (("sslrun", ours, 0.70 + seed / 100), ("lightly", theirs, 0.69)):
+            run = root / "swav" / f"{side}_seed{seed}"
+            (run / "eval").mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps({"images_per_sec": rate, "global_step": 234}))
+            (run / "eval" / "knn.json").write_text(json.dumps({"top1": top1}))
+    (root / "swav" / "batch.json").write_text(json.dumps({"batch": 256}))
+    (root / "swav" / "sslrun_seed0" / "backbone.safetensors").write_bytes(b"weights stay out of the records")
+    old_row = "| **simclr** | 902 | 581 | 1.57x (1.72) | 0.800 | 0.798 | 1 | 234 x 256 |"
+    write_results(out, "peers", "Written 2026-12-03 15:19 UTC by ...\n\n| method | ... |\n|---|\n" + old_row)
+    bench_peers.save_records(root, records, "swav")
+    assert sorted(str(p.relative_to(records)) for p in records.rglob("*") if p.is_file()) == sorted(
+        ["swav/batch.json"] + [f"swav/{side}_seed{seed}/{name}" for side in ("sslrun", "lightly") for seed in (0, 1)
+                               for name in ("summary.json", "eval/knn.json")])
+    for source in (root, tmp_path / "no-runs"):  # from the runs, then from the records alone
+        text = bench_peers.table(["simclr", "swav"], [0, 1], source, records, bench_peers.existing_rows(out))
+        rows = {line.split("**")[1]: line for line in text.splitlines() if line.startswith("| **")}
+        assert rows["simclr"] == old_row
+        assert rows["swav"] == "| **swav** | 315 | 250 | 1.30x (1.50, 1.10) | 0.705 ± 0.007 | 0.690 ± 0.000 | 2 | 234 x 256 |"
+        assert "kept as they were, written 2026-12-03 15:19 UTC (no runs or records of theirs here): simclr." in text
