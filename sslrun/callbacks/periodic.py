@@ -10,7 +10,8 @@ log = logging.getLogger("sslrun")
 
 class PeriodicEvaluation(L.Callback):
     """Calls `evaluate` every `every_n_epochs` epochs (0: never; at the epoch's last batch, or at
-    its end where the loader has no length) and once at the end of training, not twice at one step. `results` (the latest numbers, and the before-training baselines the
+    its end where the loader has no length) and once at the end of training, not twice at one
+    step. `results` (the latest numbers, and the before-training baselines the
     subclass records) and the last evaluated step travel in checkpoints, so a resumed run neither
     repeats nor loses them. Subclasses implement `evaluate` and set `evaluated_at_step` in it."""
 

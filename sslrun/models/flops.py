@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from sslrun.models.attention import countable_attention
+
 def _cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
@@ -55,8 +57,6 @@ def flop_counter(model: Optional[torch.nn.Module] = None,
     Compiled code runs eagerly inside (a compiled kernel's ops are invisible to the counter).
     With `model`, its packed ViTs are resolved for `device` first and counted as SDPA
     (models.attention.countable_attention): flex and xformers are not countable."""
-    from sslrun.models.attention import countable_attention
-
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
     counter.mod_tracker = _TotalOnly()
     with ExitStack() as stack:
