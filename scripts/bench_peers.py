@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 METHODS = ["simclr", "mocov2", "byol", "simsiam", "barlow_twins", "vicreg", "nnclr", "dino", "swav",
-           "lejepa", "mae"]  # what lightly ships
+           "lejepa", "mae", "ijepa"]  # what lightly ships
 SIDES = ("sslrun", "lightly")
 # Added to both sides: no evaluation while training (the shared one comes after), no pictures.
 COMMON = ["eval.enabled=false", "eval.pictures=0", "trainer.progress_bar=false"]
@@ -84,7 +84,9 @@ def lightly_views(cfg):
 
 class LightlyMethod:
     """One method in lightly's pieces: `modules` (trained), `momentum_pairs` (online -> EMA copy),
-    `loss(views, step)`, and the parameter groups whose lr stays fixed."""
+    `loss(views, step)`, the parameter groups whose lr stays fixed, the network evaluated (the
+    backbone, or its EMA copy where the method evaluates that) and the loader's `collate` (None:
+    the default)."""
 
     def __init__(self, cfg, backbone, total_steps: int, steps_per_epoch: int):
         import torch
@@ -96,7 +98,7 @@ class LightlyMethod:
         m, name = cfg.method, cfg.method.name
         features = backbone.num_features
         self.name, self.total_steps, self.backbone = name, total_steps, backbone
-        self.fixed_lr_modules, self.momentum_pairs = [], []
+        self.fixed_lr_modules, self.momentum_pairs, self.evaluated, self.collate = [], [], backbone, None
         self.momentum = (m.get("momentum"), m.get("final_momentum", m.get("momentum")))
 
         def hidden(mlp):
@@ -184,6 +186,21 @@ class LightlyMethod:
                 torch.nn.Linear(backbone.embed_dim, d.width), self.decoder,
                 torch.nn.Linear(d.width, self.patch_size ** 2 * cfg.data.channels)])
             self.mask_ratio, self.normalize_targets = m.mask_ratio, m.normalize_targets
+        elif name == "ijepa":  # lightly's I-JEPA pieces around the same timm ViT: its mask collator (the
+            # reference's, which cuts every block to the batch's smallest), masked encoder and predictor
+            from lightly.data.ijepa_collate import IJEPAMaskCollator
+
+            p = m.predictor
+            self.encoder = heads.MaskedVisionTransformerTIMM(vit=backbone)
+            self.target_backbone = self.evaluated = ema_copy(backbone)  # the paper evaluates the target encoder
+            self.momentum_pairs = [(backbone, self.target_backbone)]
+            self.head = heads.IJEPAPredictorTIMM(num_patches=backbone.patch_embed.num_patches, depth=p.depth,
+                                                 mlp_dim=features, predictor_embed_dim=p.width, num_heads=p.heads)
+            self.collate = _WithMasks(IJEPAMaskCollator(
+                input_size=cfg.data.image_size, patch_size=backbone.patch_embed.patch_size[0],
+                enc_mask_scale=tuple(m.context_scale), pred_mask_scale=tuple(m.target_scale),
+                aspect_ratio=tuple(m.target_aspect), nenc=1, npred=m.targets))
+            self.distance = torch.nn.functional.smooth_l1_loss if m.loss == "smooth_l1" else torch.nn.functional.mse_loss
         elif name == "lejepa":
             self.head = heads.LeJEPAProjectionHead(features, hidden(m.projector), m.projector.out_dim,
                                                    num_layers=m.projector.num_layers)
@@ -267,6 +284,15 @@ class LightlyMethod:
             if self.normalize_targets:  # the paper's per-patch normalised pixels (its norm_pix_loss)
                 target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
             return torch.nn.functional.mse_loss(prediction, target)
+        if name == "ijepa":  # views: ([images], context indices [1 x (B, K)], target indices [4 x (B, K')])
+            from lightly.models import utils
+
+            (images,), context, targets = views
+            with torch.no_grad():
+                tokens = self.target_backbone.forward_features(images)[:, b.num_prefix_tokens:]
+                tokens = utils.apply_masks(torch.nn.functional.layer_norm(tokens, tokens.shape[-1:]), targets)
+            predicted = self.head(self.encoder.encode(images=images, idx_keep=context[0]), context, targets)
+            return self.distance(predicted, tokens)
         if name == "lejepa":
             z = [self.head(b(v)) for v in views]
             return self.criterion(local_proj=torch.stack(z[self.global_crops:]),
@@ -336,7 +362,8 @@ def train_lightly(cfg, run_dir: Path) -> None:
     dataset = _Transformed(splits.train, transform)
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_num_workers(1)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=workers, persistent_workers=workers > 0)
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         collate_fn=method.collate)
     method.modules.train()
     timed_images, timed_seconds, step, losses = 0, 0.0, 0, []
     started = time.time()
@@ -372,7 +399,7 @@ def train_lightly(cfg, run_dir: Path) -> None:
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     create = {"model_name": cfg.backbone.name, "num_classes": 0, "in_chans": cfg.data.channels,
               **OmegaConf.to_container(cfg.backbone.timm_kwargs, resolve=True)}
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(run_dir / "backbone.safetensors"),
+    save_file({k: v.contiguous() for k, v in method.evaluated.state_dict().items()}, str(run_dir / "backbone.safetensors"),
               metadata={"timm_create_model": json.dumps(create), "small_stem": json.dumps(bool(cfg.backbone.small_stem)),
                         "method": cfg.method.name})
     summary = {"method": cfg.method.name, "status": "completed" if all(map(math.isfinite, losses)) else "diverged",
@@ -394,6 +421,18 @@ class _Transformed:
     def __getitem__(self, index):
         image, label = self.base[index]
         return self.transform(image), label
+
+
+class _WithMasks:
+    """lightly's I-JEPA collator, its batch as the loop's (views, labels): the views with the
+    context and target indices beside them."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, items):
+        (views, labels), context, targets = self.collator(items)
+        return (views, context, targets), labels
 
 
 # ---------------------------------------------------------------------- both sides, the table

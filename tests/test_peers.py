@@ -29,6 +29,17 @@ def lightly_loss():
 
 
 @pytest.fixture
+def bench_peers():
+    """scripts/bench_peers.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "scripts" / "bench_peers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
 def views():
     generator = torch.Generator().manual_seed(0)
     return torch.randn(64, 32, generator=generator), torch.randn(64, 32, generator=generator)
@@ -82,20 +93,15 @@ def test_dino_loss_equals_lightlys(lightly_loss):
     torch.testing.assert_close(ours, peer(teacher, student))
 
 
-def test_bench_peers_maps_each_sslrun_view_to_a_lightly_view(lightly_loss):
+def test_bench_peers_maps_each_sslrun_view_to_a_lightly_view(lightly_loss, bench_peers):
     """scripts/bench_peers.py hands sslrun's views to lightly's transforms: one lightly view per
     sslrun view, each with the view's crop size and scale, flip, jitter, grey, blur and
     solarisation probabilities and the data's mean and std; an image becomes as many tensors."""
-    import importlib.util
-
     from PIL import Image
     from torchvision.transforms import v2
 
     from sslrun.config import compose
 
-    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "scripts" / "bench_peers.py")
-    bench_peers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_peers)
     image = Image.fromarray((torch.rand(28, 28) * 255).to(torch.uint8).numpy(), mode="L")
     for method in ("simclr", "byol", "dino", "swav", "lejepa", "mae"):
         cfg = compose([f"method={method}"])
@@ -168,17 +174,70 @@ def test_sigreg_and_lejepa_loss_equal_lightlys(lightly_loss):
     torch.testing.assert_close(ours, loss(local_proj=views[2:], global_proj=views[:2]))
 
 
-def test_bench_peers_table_reads_runs_or_their_records_and_keeps_older_rows(tmp_path):
+def test_ijepa_predictor_equals_lightlys_on_blocks_of_one_size():
+    """I-JEPA's predictor as one packed sequence of (image, block) segments gives what lightly's
+    IJEPAPredictorTIMM gives with the same weights, where lightly can run (every context and every
+    target block of one size: the reference truncates to make them so). The 2-D sin-cos position
+    tables are each library's own, so their layouts are compared too."""
+    lightly_modules = pytest.importorskip("lightly.models.modules", reason="lightly is installed by `make peers`")
+    from sslrun.models.attention import BlockDiagonalAttention
+    from sslrun.models.predictor import TokenPredictor
+
+    torch.manual_seed(0)
+    images, grid, context, target, blocks = 3, (3, 3), 5, 3, 2
+    peer = lightly_modules.IJEPAPredictorTIMM(num_patches=9, depth=2, mlp_dim=12, predictor_embed_dim=16,
+                                              num_heads=2).eval()
+    ours = TokenPredictor(12, 16, 2, 2, 12, grid, BlockDiagonalAttention("sdpa")).eval()
+    with torch.no_grad():
+        peer.decoder.mask_token.normal_()  # lightly starts it at zero: a random one is a stronger check
+        for mine, theirs in ((ours.embed, peer.predictor_embed), (ours.blocks, peer.decoder.blocks),
+                             (ours.norm, peer.decoder.norm), (ours.head, peer.predictor_proj)):
+            mine.load_state_dict(theirs.state_dict())
+        ours.mask_token.copy_(peer.decoder.mask_token.flatten())
+    tokens = torch.randn(images, context, 12)
+    context_at = torch.stack([torch.randperm(9)[:context] for _ in range(images)])
+    targets_at = [torch.stack([torch.randperm(9)[:target] for _ in range(images)]) for _ in range(blocks)]
+    expected = peer(tokens.clone(), [context_at], targets_at)  # [blocks x images, target, 12], block-major
+    segments = [(i, j) for j in range(blocks) for i in range(images)]
+    got = ours(torch.cat([tokens[i] for i, _ in segments]), torch.cat([context_at[i] + 1 for i, _ in segments]),
+               [context] * len(segments), torch.cat([targets_at[j][i] + 1 for i, j in segments]),
+               [target] * len(segments))
+    torch.testing.assert_close(got.view(blocks * images, target, 12), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_peers_ijepa_loop_trains_the_context_path_and_evaluates_the_target(lightly_loss, bench_peers):
+    """The lightly I-JEPA loop: lightly's collator draws 4 target blocks and a context block
+    without them per image, one step's loss reaches the context encoder and the predictor but not
+    the EMA target encoder, which is what the loop saves for the shared evaluation."""
+    from sslrun.config import compose
+    from sslrun.methods.registry import registered
+    from sslrun.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    cfg = compose(["method=ijepa", *registered()["ijepa"].test_overrides])
+    backbone = build_backbone(cfg.backbone, cfg.data.channels)
+    method = bench_peers.LightlyMethod(cfg, backbone, total_steps=10, steps_per_epoch=10)
+    views, labels = method.collate([([torch.randn(1, 28, 28)], label) for label in range(6)])
+    (images,), context, targets = views
+    assert images.shape == (6, 1, 28, 28) and labels.tolist() == list(range(6))
+    assert len(context) == 1 and len(targets) == cfg.method.targets
+    for i in range(6):
+        covered = set(torch.cat([block[i] for block in targets]).tolist())
+        assert covered and not covered & set(context[0][i].tolist())
+    method.loss(views, 0).backward()
+    assert method.evaluated is method.target_backbone is not backbone
+    assert all(p.grad is None for p in method.target_backbone.parameters())
+    assert backbone.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert method.head.predictor_proj.weight.grad.abs().sum() > 0
+
+
+def test_bench_peers_table_reads_runs_or_their_records_and_keeps_older_rows(tmp_path, bench_peers):
     """The peer table from run directories, else from the records kept in the repository (a new
     checkout has no runs), and an earlier table's row for a method with neither, said so."""
-    import importlib.util
     import json
 
     from sslrun.benchmark import write_results
 
-    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "scripts" / "bench_peers.py")
-    bench_peers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_peers)
     root, records, out = tmp_path / "runs", tmp_path / "records", tmp_path / "benchmarks.md"
     for seed, (ours, theirs) in enumerate([(300.0, 200.0), (330.0, 300.0)]):
         for side, rate, top1 in (("sslrun", ours, 0.70 + seed / 100), ("lightly", theirs, 0.69)):
