@@ -5,6 +5,7 @@ losses in a plain PyTorch loop, against `python -m sslrun` with the same setting
     python scripts/bench_peers.py --methods simclr,byol --seeds 1 --steps 50
     python scripts/bench_peers.py --table                  # rewrite the table from the run dirs only
     python scripts/bench_peers.py --methods simclr --seeds 1 --steps 20 data=mnist5k   # a smoke run
+    python scripts/bench_peers.py --ijepa-tokens           # tokens per image each I-JEPA side trains on
 
 Both sides start from one composed sslrun config (`python -m sslrun method=NAME --cfg job` with
 the same overrides), so they share by construction the backbone (sslrun's timm model, built once
@@ -550,6 +551,40 @@ def table(methods, seeds, root: Path, records: Path, carried: Tuple[dict, str]) 
     return header + "\n\n" + "\n".join(lines) + note
 
 
+def ijepa_tokens(batch: int, batches: int = 50) -> str:
+    """What each I-JEPA side trains on per image: context and target tokens of its own masks
+    (lightly's collator cuts every block to the batch's shortest; sslrun keeps them all) at the
+    quick recipe's grid, and the time each takes to draw a batch's masks."""
+    import random
+    import torch
+    from lightly.data.ijepa_collate import IJEPAMaskCollator
+
+    from sslrun.config import compose
+    from sslrun.data.masking import multiblock_masks
+
+    cfg = compose(["method=ijepa"])  # the quick recipe's masks and grid
+    m, side = cfg.method, cfg.data.image_size // cfg.backbone.timm_kwargs.patch_size
+    collator = IJEPAMaskCollator(input_size=cfg.data.image_size, patch_size=cfg.backbone.timm_kwargs.patch_size,
+                                 enc_mask_scale=tuple(m.context_scale), pred_mask_scale=tuple(m.target_scale),
+                                 aspect_ratio=tuple(m.target_aspect), nenc=1, npred=m.targets)
+    items = [([torch.zeros(1, cfg.data.image_size, cfg.data.image_size)], 0)] * batch
+    generator, counts, seconds = random.Random(0), {"lightly": [], "sslrun": []}, {"lightly": 0.0, "sslrun": 0.0}
+    for _ in range(batches):
+        start = time.perf_counter()
+        _, context, targets = collator(items)
+        seconds["lightly"] += time.perf_counter() - start
+        counts["lightly"].append((context[0].shape[1], sum(block.shape[1] for block in targets)))
+        start = time.perf_counter()
+        masks = multiblock_masks(batch, (side, side), m.targets, m.target_scale, m.target_aspect, m.context_scale,
+                                 generator)
+        seconds["sslrun"] += time.perf_counter() - start
+        counts["sslrun"] += [(len(mask.context), sum(len(block) for block in mask.targets)) for mask in masks]
+    return "\n".join(
+        f"{name}: context {statistics.mean(c for c, _ in found):.1f}, targets {statistics.mean(t for _, t in found):.1f} "
+        f"tokens per image; masks drawn in {seconds[name] / batches * 1e3:.1f} ms per batch of {batch}"
+        for name, found in counts.items())
+
+
 def _lightly_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -577,10 +612,16 @@ def main() -> int:
     parser.add_argument("--records", default=str(REPO / "docs" / "results" / "peers"),
                         help="where each run's summary.json and eval/knn.json are kept for later tables")
     parser.add_argument("--table", action="store_true", help="only rewrite the table from the run directories")
+    parser.add_argument("--ijepa-tokens", action="store_true",
+                        help="print the tokens per image each I-JEPA side trains on (its own masks) and exit")
     parser.add_argument("overrides", nargs="*", help="more sslrun overrides for both sides (data=mnist5k ...)")
     options = parser.parse_args()
     from sslrun.benchmark import write_results
     from sslrun.config import compose
+
+    if options.ijepa_tokens:
+        print(ijepa_tokens(compose(["method=ijepa", *options.overrides]).data.batch_size))
+        return 0
 
     methods, seeds, root = options.methods.split(","), list(range(options.seeds)), Path(options.root)
     records, carried = Path(options.records), existing_rows(Path(options.out))
