@@ -189,18 +189,13 @@ class LightlyMethod:
             self.mask_ratio, self.normalize_targets = m.mask_ratio, m.normalize_targets
         elif name == "ijepa":  # lightly's I-JEPA pieces around the same timm ViT: its mask collator (the
             # reference's, which cuts every block to the batch's smallest), masked encoder and predictor
-            from lightly.data.ijepa_collate import IJEPAMaskCollator
-
             p = m.predictor
             self.encoder = heads.MaskedVisionTransformerTIMM(vit=backbone)
             self.target_backbone = self.evaluated = ema_copy(backbone)  # the paper evaluates the target encoder
             self.momentum_pairs = [(backbone, self.target_backbone)]
             self.head = heads.IJEPAPredictorTIMM(num_patches=backbone.patch_embed.num_patches, depth=p.depth,
                                                  mlp_dim=features, predictor_embed_dim=p.width, num_heads=p.heads)
-            self.collate = _WithMasks(IJEPAMaskCollator(
-                input_size=cfg.data.image_size, patch_size=backbone.patch_embed.patch_size[0],
-                enc_mask_scale=tuple(m.context_scale), pred_mask_scale=tuple(m.target_scale),
-                aspect_ratio=tuple(m.target_aspect), nenc=1, npred=m.targets))
+            self.collate = _WithMasks(ijepa_collator(cfg))
             self.distance = torch.nn.functional.smooth_l1_loss if m.loss == "smooth_l1" else torch.nn.functional.mse_loss
         elif name == "lejepa":
             self.head = heads.LeJEPAProjectionHead(features, hidden(m.projector), m.projector.out_dim,
@@ -424,6 +419,16 @@ class _Transformed:
         return self.transform(image), label
 
 
+def ijepa_collator(cfg):
+    """lightly's I-JEPA mask collator with the method's block counts, scales and aspects."""
+    from lightly.data.ijepa_collate import IJEPAMaskCollator
+
+    m = cfg.method
+    return IJEPAMaskCollator(input_size=cfg.data.image_size, patch_size=cfg.backbone.timm_kwargs.patch_size,
+                             enc_mask_scale=tuple(m.context_scale), pred_mask_scale=tuple(m.target_scale),
+                             aspect_ratio=tuple(m.target_aspect), nenc=1, npred=m.targets)
+
+
 class _WithMasks:
     """lightly's I-JEPA collator, its batch as the loop's (views, labels): the views with the
     context and target indices beside them."""
@@ -551,22 +556,18 @@ def table(methods, seeds, root: Path, records: Path, carried: Tuple[dict, str]) 
     return header + "\n\n" + "\n".join(lines) + note
 
 
-def ijepa_tokens(batch: int, batches: int = 50) -> str:
+def ijepa_tokens(cfg, batches: int = 50) -> str:
     """What each I-JEPA side trains on per image: context and target tokens of its own masks
     (lightly's collator cuts every block to the batch's shortest; sslrun keeps them all) at the
-    quick recipe's grid, and the time each takes to draw a batch's masks."""
+    config's grid and batch, and the time each takes to draw a batch's masks."""
     import random
     import torch
-    from lightly.data.ijepa_collate import IJEPAMaskCollator
 
-    from sslrun.config import compose
     from sslrun.data.masking import multiblock_masks
 
-    cfg = compose(["method=ijepa"])  # the quick recipe's masks and grid
-    m, side = cfg.method, cfg.data.image_size // cfg.backbone.timm_kwargs.patch_size
-    collator = IJEPAMaskCollator(input_size=cfg.data.image_size, patch_size=cfg.backbone.timm_kwargs.patch_size,
-                                 enc_mask_scale=tuple(m.context_scale), pred_mask_scale=tuple(m.target_scale),
-                                 aspect_ratio=tuple(m.target_aspect), nenc=1, npred=m.targets)
+    m, batch, side = cfg.method, cfg.data.batch_size, cfg.data.image_size // cfg.backbone.timm_kwargs.patch_size
+    collator = ijepa_collator(cfg)
+    torch.manual_seed(0)  # the collator places its blocks from torch's generator
     items = [([torch.zeros(1, cfg.data.image_size, cfg.data.image_size)], 0)] * batch
     generator, counts, seconds = random.Random(0), {"lightly": [], "sslrun": []}, {"lightly": 0.0, "sslrun": 0.0}
     for _ in range(batches):
@@ -620,7 +621,7 @@ def main() -> int:
     from sslrun.config import compose
 
     if options.ijepa_tokens:
-        print(ijepa_tokens(compose(["method=ijepa", *options.overrides]).data.batch_size))
+        print(ijepa_tokens(compose(["method=ijepa", *options.overrides])))
         return 0
 
     methods, seeds, root = options.methods.split(","), list(range(options.seeds)), Path(options.root)
