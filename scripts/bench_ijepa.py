@@ -24,7 +24,7 @@ import time
 import torch
 
 from sslrun.config import compose
-from sslrun.data.masking import ContextAndTargets, multiblock_masks
+from sslrun.data.masking import ContextAndTargets, multiblock_masks, pack_masks
 from sslrun.optim import WarmupCosine
 from sslrun.train import build_method
 
@@ -79,7 +79,7 @@ def main() -> None:
         from sslrun.losses import ijepa_loss
 
         start = time.perf_counter()
-        targets, _ = method.target_tokens(images, layout)
+        targets, _ = method.target_tokens(images, pack_masks(layout))
         ijepa_loss(method.predict(images, layout), targets).backward()
         method.zero_grad(set_to_none=True)
         return time.perf_counter() - start

@@ -140,6 +140,7 @@ def _train(cfg: DictConfig, layout: RunDir, callbacks: List[L.Callback], progres
     data = build_data(cfg)
     method = build_method(cfg, data.lr_schedule, data.splits.num_classes if data.evaluate and cfg.eval.linear_probe
                           else None, data.steps_per_epoch)
+    data.module.sample_masks = method.sample_masks
     own = progress.callbacks = build_callbacks(cfg, layout, data, method)
     resume_from = resume_path(cfg, layout)
     overrides, sweep_dir = tracking.hydra_job()

@@ -12,6 +12,7 @@ from unittest import mock
 import torch
 
 from sslrun.config import CONF_DIR, compose
+from sslrun.data.masking import pack_masks, unpack_masks
 from sslrun.methods.registry import MethodSpec, registered
 
 BATCH = 8  # global
@@ -65,9 +66,10 @@ def tiny_method(option: str, *extra: str, seed: int = 0):
     return build_method(cfg, schedule, None, steps_per_epoch), cfg
 
 
-def tiny_batch(cfg, seed: int = 7) -> dict:
-    """A whole global batch the method's views fit: every crop the augmentation makes and, for
-    image-text methods, token ids ending in the end token (the highest id)."""
+def tiny_batch(cfg, seed: int = 7, method=None) -> dict:
+    """A whole global batch the method's views fit: every crop the augmentation makes; for
+    image-text methods, token ids ending in the end token (the highest id); for a `method` that
+    masks patches, its masks, drawn as the loader draws them (one generator per image)."""
     g = torch.Generator().manual_seed(seed)
     channels = cfg.data.channels
     batch = {"views": [torch.randn(BATCH, channels, view.size, view.size, generator=g)
@@ -76,14 +78,23 @@ def tiny_batch(cfg, seed: int = 7) -> dict:
         text = torch.randint(1, 1000, (BATCH, cfg.method.text.context_length), generator=g)
         text[:, -1] = 49407
         batch["text"] = text
+    if method is not None and method.sample_masks is not None:
+        batch["masks"] = pack_masks([method.sample_masks(torch.Generator().manual_seed(seed * 1000 + i))
+                                     for i in range(BATCH)])
     return batch
 
 
 def shard_of(batch: dict, rank: int, world: int) -> dict:
     """This process's rows of the global batch."""
     per = BATCH // world
-    return {key: [v[rank * per:(rank + 1) * per] for v in value] if key == "views" else value[rank * per:(rank + 1) * per]
-            for key, value in batch.items()}
+    rows = slice(rank * per, (rank + 1) * per)
+
+    def shard(key, value):
+        if key == "views":
+            return [v[rows] for v in value]
+        return pack_masks(unpack_masks(value)[rows]) if key == "masks" else value[rows]
+
+    return {key: shard(key, value) for key, value in batch.items()}
 
 
 def at_step(method, step: int):

@@ -5,10 +5,11 @@ step on the device: see decode.py.)
 A training batch is a dict (see shared/design.md): `views`, a list of float tensors [B, C, H, W],
 one per crop, global crops first; `label` [B] (-1 where unknown); `index` [B], the sample's
 position in the training split; for image-text methods `text` [B, L], the caption's token ids
-(one of the image's captions, drawn per epoch). Held-out evaluation batches are
+(one of the image's captions, drawn per epoch); for methods that mask patches per image (I-JEPA),
+`masks`, the images' masks packed as `masking.pack_masks` packs them. Held-out evaluation batches are
 `(uint8 images, labels)`, and `(uint8 images, labels, caption tokens)` for image-text evaluation.
 
-Every random choice about an image (its crops, its photometric parameters) is drawn in the worker
+Every random choice about an image (its masks, crops, photometric parameters) is drawn in the worker
 from a generator seeded by (run seed, epoch, index), and the order of images comes from
 `GlobalBatchSampler`: a run sees the same batches and the same views on any number of processes
 or workers, and resumes mid-epoch at the next unseen batch.
@@ -29,12 +30,15 @@ from sslrun.data.augment import PhotometricAugment
 from sslrun.data.decode import DeviceCrops
 from sslrun.data.datasets import (IMAGE_MODES, CaptionFile, ClassCaptions, DataError, Shards, Splits, build_splits,
                                    open_image)
+from sslrun.data.masking import ContextAndTargets, pack_masks
 from sslrun.data.shards import ShardStream
 from sslrun.data.sampler import GlobalBatchSampler
 from sslrun.data.tokenizer import Tokenizer
 from sslrun.data.transforms import CenterView, MultiCrop, Upscaled, sample_generator
 
 log = logging.getLogger(__name__)
+
+SampleMasks = Callable[[torch.Generator], ContextAndTargets]  # one image's masks from its sample generator
 
 
 @dataclass
@@ -52,13 +56,17 @@ class Captions:
 
 
 class TrainingViews(Dataset):
-    """Item (epoch, index): the image's crops, their photometric parameters, label and index, and
-    with `captions` the token ids of one of its captions."""
+    """Item (epoch, index): the image's crops, their photometric parameters, label, index and a
+    dict of extras: with `sample_masks` its masks (`masks`), with `captions` the token ids of one
+    of its captions (`text`).
+
+    The masks are drawn first, so they depend on (seed, epoch, index) alone, not on the image
+    (a crop's draws depend on its size): a file replaced by the next readable one keeps them."""
 
     def __init__(self, base: Dataset, crops: MultiCrop, augment: PhotometricAugment, seed: int,
-                 captions: Optional[Captions] = None):
+                 captions: Optional[Captions] = None, sample_masks: Optional[SampleMasks] = None):
         self.base, self.crops, self.augment, self.seed = base, crops, augment, seed
-        self.captions = captions
+        self.captions, self.sample_masks = captions, sample_masks
 
     def __len__(self) -> int:
         return len(self.base)
@@ -71,23 +79,28 @@ class TrainingViews(Dataset):
         """A training sample from a data set item (image, label[, captions])."""
         image, label = item[:2]
         generator = sample_generator(self.seed, epoch, index)
-        sample = (self.crops(image, generator), self.augment.draw(generator), label, index)
+        extras = self.draw_masks(generator)
+        crops, params = self.crops(image, generator), self.augment.draw(generator)
         if self.captions is not None:
-            sample += (self.captions.tokens(item[2], generator),)
-        return sample
+            extras["text"] = self.captions.tokens(item[2], generator)
+        return crops, params, label, index, extras
+
+    def draw_masks(self, generator: torch.Generator) -> dict:
+        return {} if self.sample_masks is None else {"masks": self.sample_masks(generator)}
 
 
 class EncodedViews(TrainingViews):
     """data.decode=device, item (epoch, index): the file's bytes (see `ImageFiles.encoded`), its
-    crop boxes and photometric parameters drawn as TrainingViews draws them, label, index, epoch
-    and the index of the file read; `DeviceCrops` decodes and cuts the batch."""
+    crop boxes and photometric parameters drawn as TrainingViews draws them, label, index, epoch,
+    the index of the file read and the extras (masks); `DeviceCrops` decodes and cuts the batch."""
 
     def __getitem__(self, key):
         epoch, index = key
         array, (width, height), label, file = self.base.encoded(index)
         generator = sample_generator(self.seed, epoch, index)
+        extras = self.draw_masks(generator)
         boxes = torch.tensor(self.crops.boxes(width, height, generator))
-        return array, boxes, self.augment.draw(generator), label, index, epoch, file
+        return array, boxes, self.augment.draw(generator), label, index, epoch, file, extras
 
 
 class EvalViews(Dataset):
@@ -150,21 +163,30 @@ class HeldOutPairs(Dataset):
         return self.view(image), label, self.captions.tokens(captions, sample_generator(self.seed, 0, index))
 
 
+def collate_extras(extras) -> dict:
+    """The samples' extras as batch entries: caption tokens stacked, masks packed (a few
+    tensors, one transfer to the device for the whole batch)."""
+    batch = {}
+    if "text" in extras[0]:
+        batch["text"] = torch.stack([extra["text"] for extra in extras])
+    if "masks" in extras[0]:
+        batch["masks"] = pack_masks([extra["masks"] for extra in extras])
+    return batch
+
+
 def collate_views(samples):
-    crops, params, labels, indices = [part for part in zip(*samples)][:4]
-    batch = {
+    crops, params, labels, indices, extras = zip(*samples)
+    return {
         "views": [torch.stack(view) for view in zip(*crops)],
         "photometric": [torch.stack(view) for view in zip(*params)],
         "label": torch.tensor(labels, dtype=torch.long),
         "index": torch.tensor(indices, dtype=torch.long),
+        **collate_extras(extras),
     }
-    if len(samples[0]) == 5:
-        batch["text"] = torch.stack([sample[4] for sample in samples])
-    return batch
 
 
 def collate_encoded(samples):
-    arrays, boxes, params, labels, indices, epochs, files = zip(*samples)
+    arrays, boxes, params, labels, indices, epochs, files, extras = zip(*samples)
     return {
         # numpy arrays: the batch transfer leaves them where decode_jpeg wants them, on the CPU
         "encoded": {"data": list(arrays), "boxes": torch.stack(boxes), "epoch": torch.tensor(epochs),
@@ -172,6 +194,7 @@ def collate_encoded(samples):
         "photometric": [torch.stack(view) for view in zip(*params)],
         "label": torch.tensor(labels, dtype=torch.long),
         "index": torch.tensor(indices, dtype=torch.long),
+        **collate_extras(extras),
     }
 
 
@@ -203,6 +226,7 @@ class SSLDataModule(L.LightningDataModule):
         super().__init__()
         self.captions = captions  # image-text methods
         self.upscaled = upscaled  # copies of crops at a higher resolution, batch["upscaled_views"]
+        self.sample_masks: Optional[SampleMasks] = None  # the method's per-image masks, batch["masks"]
         self.cfg, self.views_cfg, self.eval_cfg = data_cfg, views_cfg, eval_cfg
         self.processes, self.seed = processes, seed
         self.per_process_batch = data_cfg.batch_size // processes
@@ -273,14 +297,15 @@ class SSLDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         train = self.load().train
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        views = TrainingViews(train, MultiCrop(self.views_cfg, self.upscaled), self.augment, self.seed, self.captions)
+        views = TrainingViews(train, MultiCrop(self.views_cfg, self.upscaled), self.augment, self.seed, self.captions,
+                              self.sample_masks)
         if isinstance(train, Shards):
             return self._stream_loader(train, views, rank)
         sampler = GlobalBatchSampler(len(train), self.per_process_batch, self.processes, rank, self.seed)
         if self.resume is not None:
             sampler.resume_at(*self.resume)
         if self.decodes_on_device:
-            views = EncodedViews(train, views.crops, self.augment, self.seed)
+            views = EncodedViews(train, views.crops, self.augment, self.seed, sample_masks=self.sample_masks)
             self.device_crops = DeviceCrops(views, self.cfg.channels)
             return self._loader(views, self.per_process_batch, collate_encoded, sampler)
         return self._loader(views, self.per_process_batch, collate_views, sampler)

@@ -90,7 +90,7 @@ class DeviceCrops:
         files = self.views.base
         file = int(encoded["file"][row])
         files.reader.flag(file, files.samples[file][0], error)
-        array, boxes, params, label, _, _, file = self.views[(int(encoded["epoch"][row]), int(batch["index"][row]))]
+        array, boxes, params, label, _, _, file, _ = self.views[(int(encoded["epoch"][row]), int(batch["index"][row]))]
         encoded["boxes"][row], encoded["file"][row], batch["label"][row] = boxes, file, label
         for view, view_params in zip(batch["photometric"], params):
             view[row] = view_params

@@ -1,5 +1,5 @@
 """Block-wise random masks for masked image modelling (BEiT, Bao et al. 2022; iBOT; DINOv2), and
-I-JEPA's context and target blocks (`multiblock_masks`).
+I-JEPA's context and target blocks (`MultiBlock`).
 
 A mask covers about `count` patches of a gh x gw grid with random rectangles: each rectangle has
 an area drawn from [min_block, remaining] and a log-uniform aspect ratio in [ratio, 1 / ratio],
@@ -90,32 +90,70 @@ def jepa_block(grid: Tuple[int, int], scale: Sequence[float], aspect: Sequence[f
     return (rows + torch.arange(left, left + w)[None]).flatten()
 
 
-def multiblock_masks(batch: int, grid: Tuple[int, int], targets: int, target_scale: Sequence[float],
-                     target_aspect: Sequence[float], context_scale: Sequence[float], rng: random.Random,
-                     min_context: int = 4, attempts: int = 20) -> List[ContextAndTargets]:
-    """I-JEPA's masks (Assran et al. 2023, sec. 3): per image `targets` possibly overlapping blocks
-    (scale 0.15-0.2, aspect 0.75-1.5 in the paper) and one context block (scale 0.85-1, square)
-    less every target patch, so the context never shows what is predicted. A context block with
-    fewer than `min_context` patches left is drawn again (`attempts` times; then the context is
-    every patch outside the targets).
+@dataclass(frozen=True)
+class MultiBlock:
+    """I-JEPA's masks (Assran et al. 2023, sec. 3) on a `grid`: per image `targets` possibly
+    overlapping blocks (scale 0.15-0.2, aspect 0.75-1.5 in the paper) and one context block (scale
+    0.85-1, square) less every target patch, so the context never shows what is predicted. A
+    context block with fewer than `min_context` patches left is drawn again (`attempts` times;
+    then the context is every patch outside the targets).
 
     Every image draws its own sizes, and nothing is cut to a common length: the packed pass takes
     segments of any length (the reference collator draws one size per batch and truncates every
-    context to the batch's shortest)."""
-    patches = grid[0] * grid[1]
-    masks = []
-    for _ in range(batch):
-        blocks = [jepa_block(grid, target_scale, target_aspect, rng) for _ in range(targets)]
+    context to the batch's shortest). Called with an image's sample generator, in the loader's
+    workers (`data.datamodule.TrainingViews`): an image's masks depend on (seed, epoch, index)
+    only, whichever process, worker or batch holds it."""
+
+    grid: Tuple[int, int]
+    targets: int
+    target_scale: Tuple[float, float]
+    target_aspect: Tuple[float, float]
+    context_scale: Tuple[float, float]
+    min_context: int = 4
+    attempts: int = 20
+
+    def __call__(self, generator: torch.Generator) -> ContextAndTargets:
+        return self.draw(random.Random(int(torch.randint(2 ** 62, (), generator=generator))))
+
+    def draw(self, rng: random.Random) -> ContextAndTargets:
+        """One image's masks."""
+        patches = self.grid[0] * self.grid[1]
+        blocks = [jepa_block(self.grid, self.target_scale, self.target_aspect, rng) for _ in range(self.targets)]
         covered = torch.zeros(patches, dtype=torch.bool)
         for block in blocks:
             covered[block] = True
-        for _ in range(attempts):
+        for _ in range(self.attempts):
             area = torch.zeros(patches, dtype=torch.bool)
-            area[jepa_block(grid, context_scale, (1.0, 1.0), rng)] = True
+            area[jepa_block(self.grid, self.context_scale, (1.0, 1.0), rng)] = True
             context = (area & ~covered).nonzero()[:, 0]
-            if len(context) >= min_context:
-                break
-        else:
-            context = (~covered).nonzero()[:, 0]
-        masks.append(ContextAndTargets(context, blocks))
-    return masks
+            if len(context) >= self.min_context:
+                return ContextAndTargets(context, blocks)
+        return ContextAndTargets((~covered).nonzero()[:, 0], blocks)
+
+
+def multiblock_masks(batch: int, grid: Tuple[int, int], targets: int, target_scale: Sequence[float],
+                     target_aspect: Sequence[float], context_scale: Sequence[float],
+                     rng: random.Random) -> List[ContextAndTargets]:
+    """`MultiBlock`'s masks for `batch` images, drawn one after another from `rng`."""
+    rule = MultiBlock(tuple(grid), targets, tuple(target_scale), tuple(target_aspect), tuple(context_scale))
+    return [rule.draw(rng) for _ in range(batch)]
+
+
+def pack_masks(masks: Sequence[ContextAndTargets]) -> dict:
+    """A batch's masks as few tensors (what the loader collates: one transfer to the device, not
+    one per image and block): every context, then every target block, concatenated, with their
+    lengths as Python ints (left on the host, so splitting them needs no device sync)."""
+    blocks = [block for mask in masks for block in mask.targets]
+    return {"context": torch.cat([mask.context for mask in masks]),
+            "context_lengths": [len(mask.context) for mask in masks],
+            "targets": torch.cat(blocks),
+            "target_lengths": [len(block) for block in blocks]}
+
+
+def unpack_masks(packed: dict) -> List[ContextAndTargets]:
+    """`pack_masks`' inverse: views of its tensors, on their device."""
+    contexts = torch.split(packed["context"], packed["context_lengths"])
+    blocks = torch.split(packed["targets"], packed["target_lengths"])
+    per_image = len(blocks) // len(contexts)
+    return [ContextAndTargets(context, list(blocks[i * per_image:(i + 1) * per_image]))
+            for i, context in enumerate(contexts)]

@@ -31,6 +31,9 @@ class StepOutput:
 
 class SSLMethod(L.LightningModule):
     skip_momentum_update = False  # set by the non-finite guard for a step whose update it drops
+    # Per-image masks the data loader draws in its workers (batch["masks"]; a callable of an image's
+    # sample generator, see data.datamodule.TrainingViews), for methods that mask patches; none here.
+    sample_masks = None
 
     @staticmethod
     def upscaled_crops(method_cfg) -> Optional[Upscaled]:

@@ -13,8 +13,8 @@ from omegaconf import MISSING
 
 from sslrun.config.errors import require
 from sslrun.config.schema import Schema, TokenPredictorSpec, require_unit_interval
-from sslrun.data.masking import ContextAndTargets, multiblock_masks
-from sslrun.distributed import rank, world_size
+from sslrun.data.masking import ContextAndTargets, MultiBlock, unpack_masks
+from sslrun.distributed import all_reduce_sum, world_size
 from sslrun.losses import ijepa_loss
 from sslrun.methods.base import SSLMethod, StepOutput
 from sslrun.methods.registry import register_method
@@ -59,8 +59,8 @@ class IJEPAConfig(Schema):
 @register_method("ijepa", IJEPAConfig, views=1,
                  test_overrides=("method.predictor.width=32", "method.predictor.depth=1", "method.predictor.heads=2"))
 class IJEPA(SSLMethod):
-    """Per image `multiblock_masks` draws `targets` target blocks and a context block without
-    them. The context encoder (the backbone) runs on the context patches only (the packed pass
+    """Per image `data.masking.MultiBlock` draws `targets` target blocks and a context block
+    without them. The context encoder (the backbone) runs on the context patches only (the packed pass
     with `keep`); the target encoder, an EMA of it (`momentum` -> `final_momentum` on a cosine),
     runs on the whole image. For each (image, target block) the predictor
     (`models.predictor.TokenPredictor`, output at the encoder's width) takes the context tokens at
@@ -68,9 +68,11 @@ class IJEPA(SSLMethod):
     the target encoder's layer-normalised tokens there. Every (image, block) is one segment of one
     packed sequence, whatever its length: nothing is padded or truncated.
 
-    The masks are drawn for the whole global batch and each process takes its images, so N
-    processes mask each image as one process would, and the loss is averaged over the global
-    batch's target patches (processes hold different counts). The online probe, the collapse monitor and
+    The loader's workers draw each image's masks from its sample generator (seed, epoch, index;
+    `sample_masks`) and the batch brings them packed, so N processes mask each image as one process
+    would, a resumed run draws the masks it would have drawn, and the step waits for no mask
+    drawing or per-mask copies. The loss is averaged over the global batch's target patches
+    (processes hold different counts). The online probe, the collapse monitor and
     every evaluation see the target encoder (the paper evaluates it), its patch tokens averaged:
     the YAML builds the ViT without a class token, as the paper's is."""
 
@@ -80,6 +82,8 @@ class IJEPA(SSLMethod):
         self.cfg = cfg
         embed = self.backbone.patch_embed
         self.grid = tuple(embed.dynamic_feat_size(embed.img_size))
+        self.sample_masks = MultiBlock(self.grid, cfg.targets, tuple(cfg.target_scale), tuple(cfg.target_aspect),
+                                       tuple(cfg.context_scale))
         width = self.backbone.num_features
         self.predictor = TokenPredictor(width, cfg.predictor.width, cfg.predictor.depth, cfg.predictor.heads,
                                         width, self.grid, self.backbone.block_diagonal_attention)
@@ -90,13 +94,9 @@ class IJEPA(SSLMethod):
     def eval_backbone(self):
         return self.target.encoder[0]
 
-    def draw_masks(self, images: int, generator: random.Random = None) -> List[ContextAndTargets]:
-        """Masks for `images` images, from the torch seed (shared by the processes, so each draws
-        the global batch's masks alike and takes its own)."""
-        generator = generator or random.Random(int(torch.randint(2 ** 62, ())))
-        m = self.cfg
-        return multiblock_masks(images, self.grid, m.targets, m.target_scale, m.target_aspect, m.context_scale,
-                                generator)
+    def draw_masks(self, images: int, rng: random.Random) -> List[ContextAndTargets]:
+        """Masks for `images` images drawn one after another from `rng` (pictures, benchmarks)."""
+        return [self.sample_masks.draw(rng) for _ in range(images)]
 
     def predict(self, images: torch.Tensor, masks: Sequence[ContextAndTargets]) -> torch.Tensor:
         """The predictor's outputs at every target patch, [sum of the blocks' sizes, D]: image by
@@ -116,25 +116,26 @@ class IJEPA(SSLMethod):
                               [length for length, mask in zip(lengths, masks) for _ in mask.targets],
                               torch.cat(blocks) + 1, [len(block) for block in blocks])
 
-    def target_tokens(self, images: torch.Tensor, masks: Sequence[ContextAndTargets]):
-        """(the target encoder's patch tokens at every target patch, in `predict`'s order; its
-        patch tokens averaged per image, the evaluated feature)."""
+    def target_tokens(self, images: torch.Tensor, packed: dict):
+        """(the target encoder's patch tokens at every target patch, in `predict`'s order, picked
+        with one index of the batch's packed masks; its patch tokens averaged per image, the
+        evaluated feature)."""
         backbone = self.eval_backbone
         with torch.no_grad():
             tokens = patch_tokens(backbone, packed_forward(backbone, [images])[0])
-        picked = torch.cat([tokens[i, block.to(tokens.device)] for i, mask in enumerate(masks)
-                            for block in mask.targets])
-        return picked, tokens.mean(dim=1)
+        lengths = packed["target_lengths"]
+        per_image = [sum(lengths[i:i + self.cfg.targets]) for i in range(0, len(lengths), self.cfg.targets)]
+        image = torch.repeat_interleave(torch.arange(len(images), device=tokens.device),
+                                        torch.tensor(per_image, device=tokens.device), output_size=sum(lengths))
+        return tokens[image, packed["targets"].to(tokens.device)], tokens.mean(dim=1)
 
     def training_loss(self, batch: dict) -> StepOutput:
-        images = batch["views"][0]
-        local, world = images.shape[0], world_size()
-        every = self.draw_masks(local * world)
-        masks = every[rank() * local:(rank() + 1) * local]
-        targets, pooled = self.target_tokens(images, masks)
-        patches = sum(len(block) for mask in every for block in mask.targets) / world
-        loss = ijepa_loss(self.predict(images, masks), targets, self.cfg.loss, patches)
-        context = torch.tensor([float(len(mask.context)) for mask in masks]).mean()
+        images, packed = batch["views"][0], batch["masks"]
+        targets, pooled = self.target_tokens(images, packed)
+        local_patches = torch.tensor(float(sum(packed["target_lengths"])), device=images.device)
+        patches = all_reduce_sum(local_patches) / world_size()
+        loss = ijepa_loss(self.predict(images, unpack_masks(packed)), targets, self.cfg.loss, patches)
+        context = torch.tensor(packed["context_lengths"], dtype=torch.float).mean()
         return StepOutput(loss, pooled, pooled, {**self.target.metrics(self.global_step), "context_patches": context})
 
     def after_optimizer_step(self) -> None:

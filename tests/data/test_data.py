@@ -124,7 +124,7 @@ def test_training_batch_format_and_eval_shards():
 
 def test_collate_keeps_view_order():
     samples = [([torch.full((1, 2, 2), i, dtype=torch.uint8), torch.full((1, 1, 1), 10 + i, dtype=torch.uint8)],
-                [torch.full((13,), i), torch.full((13,), 10 + i)], i % 2, i) for i in range(3)]
+                [torch.full((13,), i), torch.full((13,), 10 + i)], i % 2, i, {}) for i in range(3)]
     batch = collate_views(samples)
     assert batch["views"][0][:, 0, 0, 0].tolist() == [0, 1, 2]
     assert batch["views"][1][:, 0, 0, 0].tolist() == [10, 11, 12]

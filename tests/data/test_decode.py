@@ -15,6 +15,7 @@ from PIL import Image
 from sslrun.__main__ import check_overrides
 from sslrun.data.datamodule import Captions, SSLDataModule
 from sslrun.data.datasets import IMAGE_MODES, DataError, open_image, read_encoded
+from sslrun.data.masking import MultiBlock, pack_masks, unpack_masks
 from sslrun.data.tokenizer import Tokenizer
 from sslrun.data.transforms import MultiCrop, Upscaled, sample_generator, to_tensor
 from tests.conftest import read_summary, run_cli
@@ -144,6 +145,34 @@ def test_a_corrupt_jpeg_is_skipped_and_counted_as_on_the_cpu_path(tmp_path, capl
             assert all(torch.equal(a, b) for a, b in zip(batch["views"], same["views"]))  # any number of workers
             assert torch.equal(batch["label"], on_cpu["label"]) and torch.equal(batch["index"], on_cpu["index"])
             assert all((a - b).abs().mean() < 0.01 for a, b in zip(batch["views"], on_cpu["views"]))
+
+
+def test_masks_are_drawn_in_the_workers_from_each_images_stream_on_both_decode_paths(tmp_path):
+    """A method's per-image masks (I-JEPA's) come in the batch, packed: each image's are
+    `MultiBlock` drawn first from its (seed, epoch, index) stream, in the batch's order, the same
+    on both decode paths and any number of workers, and an unreadable file's replacement keeps
+    them (drawn first, they do not depend on the image's size, which a crop's draws do)."""
+    photo(64, 48, 11).save(tmp_path / "whole.jpg", quality=90)
+    content = (tmp_path / "whole.jpg").read_bytes()
+    make_folder(tmp_path / "data", extra=[("a/0a_cut_short.jpg", content[:len(content) // 2])])
+    rule = MultiBlock((4, 4), 2, (0.15, 0.25), (0.75, 1.5), (0.85, 1.0))
+    loaders = []
+    for decode, workers in (("cpu", 0), ("device", 0), ("device", 2)):
+        data = module(tmp_path / "data", decode, workers=workers)
+        data.sample_masks = rule
+        loaders.append([data.on_after_batch_transfer(batch, 0) for batch in data.train_dataloader()])
+    assert len(loaders[0]) == 12 // 4
+    for cpu, *device in zip(*loaders):
+        assert set(cpu) == {"views", "label", "index", "masks"}
+        expected = [rule(sample_generator(3, 0, index)) for index in cpu["index"].tolist()]
+        assert pack_masks(expected).keys() == cpu["masks"].keys()
+        for batch in (cpu, *device):
+            assert torch.equal(batch["index"], cpu["index"])
+            got = unpack_masks(batch["masks"])
+            assert len(got) == 4 and len({len(mask.context) for mask in got + expected}) > 1
+            for mine, theirs in zip(got, expected):
+                assert torch.equal(mine.context, theirs.context)
+                assert all(torch.equal(a, b) for a, b in zip(mine.targets, theirs.targets))
 
 
 @pytest.mark.slow

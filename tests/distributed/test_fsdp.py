@@ -159,7 +159,7 @@ def _every_method(rank, world, out):
     results = {}
     for name in options("fsdp"):
         reference, _, cfg = method_for(name)
-        batch = tiny_batch(cfg)
+        batch = tiny_batch(cfg, method=reference)
         expected = one_step(reference, batch, rank, world, sharded=False)
         method, sharding, _ = method_for(name)
         mesh = init_device_mesh("cpu", (world,))

@@ -364,7 +364,7 @@ def test_labelled_images_are_captioned_by_prompts_drawn_per_image_and_epoch():
 
     def captions(epoch):
         views = module.train_dataloader().dataset
-        return {i: tuple(views[(epoch, i)][4].tolist()) for i in range(40)}
+        return {i: tuple(views[(epoch, i)][4]["text"].tolist()) for i in range(40)}
 
     def prompted(label):
         return {tuple(tokenizer(prompt.format(names[int(label)]))[0].tolist()) for prompt in prompts}

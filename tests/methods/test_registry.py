@@ -79,7 +79,7 @@ def _every_method_on_two_processes(rank, world, out):
         method, cfg = tiny_method(option)
         method = convert_to_global_bn(method)
         torch.manual_seed(11)  # what a method draws (shuffles) is drawn alike
-        loss, grads = _one_step(method, shard_of(tiny_batch(cfg), rank, world))
+        loss, grads = _one_step(method, shard_of(tiny_batch(cfg, method=method), rank, world))
         for grad in grads.values():  # what DDP does
             dist.all_reduce(grad)
             grad /= world
@@ -104,7 +104,7 @@ def test_two_processes_equal_one_process_with_the_whole_batch(option, two_proces
     got = two_process_results[option]
     method, cfg = tiny_method(option)
     torch.manual_seed(11)
-    loss, grads = _one_step(method, tiny_batch(cfg))
+    loss, grads = _one_step(method, tiny_batch(cfg, method=method))
     assert math.isfinite(loss.item())
     assert _close(got["loss"], loss), (got["loss"], loss)
     assert grads.keys() == got["grads"].keys() and len(grads) > 2
