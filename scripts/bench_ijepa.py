@@ -71,15 +71,14 @@ def main() -> None:
     method = build_method(cfg, WarmupCosine(peak=1e-4, total_steps=100), None, steps_per_epoch=10)
     images = torch.randn(args.batch, cfg.data.channels, args.image_size, args.image_size)
     masks = method.draw_masks(args.batch, random.Random(0))
-    layouts = {"packed": masks, "padded": padded(masks)}
-    tokens = {name: sum(len(m.context) + sum(len(b) for b in m.targets) for m in layout)
-              for name, layout in layouts.items()}
+    layouts = {"packed": pack_masks(masks), "padded": pack_masks(padded(masks))}  # as batches bring them
+    tokens = {name: len(layout["context"]) + len(layout["targets"]) for name, layout in layouts.items()}
 
     def step(layout):
         from sslrun.losses import ijepa_loss
 
         start = time.perf_counter()
-        targets, _ = method.target_tokens(images, pack_masks(layout))
+        targets, _ = method.target_tokens(images, layout)
         ijepa_loss(method.predict(images, layout), targets).backward()
         method.zero_grad(set_to_none=True)
         return time.perf_counter() - start

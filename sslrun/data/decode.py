@@ -86,7 +86,8 @@ class DeviceCrops:
 
     def replace(self, batch: dict, encoded: dict, row: int, error: Exception, device: torch.device):
         """Flag the row's file unreadable and make its item again from the next readable file, as
-        the CPU path does; the new image (or why it is unreadable too)."""
+        the CPU path does; the new image (or why it is unreadable too). The item's masks stay:
+        they do not depend on the file (`TrainingViews`)."""
         files = self.views.base
         file = int(encoded["file"][row])
         files.reader.flag(file, files.samples[file][0], error)

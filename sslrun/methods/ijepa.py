@@ -5,7 +5,7 @@ no pixels, no negatives."""
 
 import random
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from omegaconf import MISSING
 
 from sslrun.config.errors import require
 from sslrun.config.schema import Schema, TokenPredictorSpec, require_unit_interval
-from sslrun.data.masking import ContextAndTargets, MultiBlock, unpack_masks
+from sslrun.data.masking import ContextAndTargets, MultiBlock
 from sslrun.distributed import all_reduce_sum, world_size
 from sslrun.losses import ijepa_loss
 from sslrun.methods.base import SSLMethod, StepOutput
@@ -98,23 +98,25 @@ class IJEPA(SSLMethod):
         """Masks for `images` images drawn one after another from `rng` (pictures, benchmarks)."""
         return [self.sample_masks.draw(rng) for _ in range(images)]
 
-    def predict(self, images: torch.Tensor, masks: Sequence[ContextAndTargets]) -> torch.Tensor:
-        """The predictor's outputs at every target patch, [sum of the blocks' sizes, D]: image by
-        image, block by block, each block's patches in its order."""
+    def predict(self, images: torch.Tensor, packed: dict) -> torch.Tensor:
+        """The predictor's outputs at every target patch of the batch's packed masks, [sum of the
+        blocks' sizes, D]: image by image, block by block, each block's patches in its order. The
+        rows are counted on the host from the masks' lengths: a few index transfers per step, not
+        a few per image and block."""
         device, prefix = images.device, self.backbone.num_prefix_tokens
-        context = [mask.context.to(device) for mask in masks]
-        encoded = packed_forward(self.backbone, [images], keep=[context])[0]
-        lengths = [prefix + len(c) for c in context]
-        starts = np.cumsum([0] + lengths[:-1])
-        positions = torch.cat([torch.cat([torch.full((prefix,), NO_POSITION, device=device), c + 1])
-                               for c in context])
+        context = packed["context"].to(device)
+        counts = np.array(packed["context_lengths"])
+        per_image = list(torch.split(context, packed["context_lengths"]))
+        encoded = packed_forward(self.backbone, [images], keep=[per_image])[0]
+        lengths = prefix + counts  # each image's rows of `encoded`: its prefix tokens, then its context
+        starts = np.cumsum(lengths) - lengths
+        positions = torch.full((int(lengths.sum()),), NO_POSITION, dtype=context.dtype, device=device)
+        positions[_on(_ranges(starts + prefix, counts), device)] = context + 1
         # One segment per (image, block): the image's context rows, then the block's queries.
-        rows = torch.cat([torch.arange(start, start + length, device=device)
-                          for start, length, mask in zip(starts, lengths, masks) for _ in mask.targets])
-        blocks = [block.to(device) for mask in masks for block in mask.targets]
-        return self.predictor(encoded[rows], positions[rows],
-                              [length for length, mask in zip(lengths, masks) for _ in mask.targets],
-                              torch.cat(blocks) + 1, [len(block) for block in blocks])
+        segments = np.repeat(lengths, self.cfg.targets)
+        rows = _on(_ranges(np.repeat(starts, self.cfg.targets), segments), device)
+        return self.predictor(encoded[rows], positions[rows], segments.tolist(), packed["targets"].to(device) + 1,
+                              packed["target_lengths"])
 
     def target_tokens(self, images: torch.Tensor, packed: dict):
         """(the target encoder's patch tokens at every target patch, in `predict`'s order, picked
@@ -134,7 +136,7 @@ class IJEPA(SSLMethod):
         targets, pooled = self.target_tokens(images, packed)
         local_patches = torch.tensor(float(sum(packed["target_lengths"])), device=images.device)
         patches = all_reduce_sum(local_patches) / world_size()
-        loss = ijepa_loss(self.predict(images, unpack_masks(packed)), targets, self.cfg.loss, patches)
+        loss = ijepa_loss(self.predict(images, packed), targets, self.cfg.loss, patches)
         context = torch.tensor(packed["context_lengths"], dtype=torch.float).mean()
         return StepOutput(loss, pooled, pooled, {**self.target.metrics(self.global_step), "context_patches": context})
 
@@ -165,6 +167,16 @@ class IJEPA(SSLMethod):
                 tinted = np.where(pixels(block), 0.5 * image + 0.5 * colour, tinted)
             rows.append([np.ascontiguousarray(x.clip(0, 255).round().astype(np.uint8)) for x in (image, context, tinted)])
         return {"context_and_targets": grid(rows)}
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """start_0, ..., start_0 + length_0 - 1, start_1, ...: the concatenated ranges."""
+    offsets = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum())) + np.repeat(starts - offsets, lengths)
+
+
+def _on(indices: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(indices).to(device)
 
 
 _COLOURS = [np.array(c, dtype=np.float32) for c in ((230, 60, 60), (60, 170, 60), (60, 100, 230), (230, 180, 40))]

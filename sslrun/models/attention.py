@@ -107,12 +107,12 @@ def sdpa_attention(q, k, v, packing: Packing) -> torch.Tensor:
 
     def segments(t):  # [1, H, tokens, D] -> per batch [count, H, length, D]
         t = t[0] if order is None else t[0].index_select(1, order)
-        return [part.unflatten(1, (count, length)).transpose(0, 1)
-                for part, (count, length) in zip(t.split(sizes, dim=1), batches)]
+        parts = t.split(sizes, dim=1) if len(sizes) > 1 else (t,)  # a split's backward is a cat, even of one
+        return [part.unflatten(1, (count, length)).transpose(0, 1) for part, (count, length) in zip(parts, batches)]
 
     outputs = [F.scaled_dot_product_attention(*qkv).transpose(0, 1).flatten(1, 2)
                for qkv in zip(segments(q), segments(k), segments(v))]
-    out = torch.cat(outputs, dim=1)
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # a cat of one is a copy
     if order is not None:  # back to the packed order
         out = torch.empty_like(out).index_copy(1, order, out)
     return out.unsqueeze(0)

@@ -199,7 +199,7 @@ def _packed_pass(vit: nn.Module, crops, masks, mask_token, keep=None) -> List[to
             flat.append(tokens.flatten(0, 1)[rows])
             lengths.append(kept_lengths)
     packing = Packing(tuple(length for crop in lengths for length in crop))
-    x = torch.cat(flat).unsqueeze(0)
+    x = (flat[0] if len(flat) == 1 else torch.cat(flat)).unsqueeze(0)  # a cat of one is a copy
     for block in vit.blocks:
         x = block.packed(x, packing, attention)
     x = vit.norm(x)[0]
