@@ -6,6 +6,7 @@ losses in a plain PyTorch loop, against `python -m sslrun` with the same setting
     python scripts/bench_peers.py --table                  # rewrite the table from the run dirs only
     python scripts/bench_peers.py --methods simclr --seeds 1 --steps 20 data=mnist5k   # a smoke run
     python scripts/bench_peers.py --ijepa-tokens           # tokens per image each I-JEPA side trains on
+    python scripts/bench_peers.py --methods mae --model-step   # forward + backward alone, both sides
 
 Both sides start from one composed sslrun config (`python -m sslrun method=NAME --cfg job` with
 the same overrides), so they share by construction the backbone (sslrun's timm model, built once
@@ -586,6 +587,67 @@ def ijepa_tokens(cfg, batches: int = 50) -> str:
         for name, found in counts.items())
 
 
+def model_step(cfg, pairs: int = 5, steps: int = 5) -> dict:
+    """The model's share of each side's step: forward and backward of the loss (no optimizer, no
+    EMA update, no data loading) on one fixed batch of the recipe's views (random pixels; I-JEPA's
+    masks each side's own), from the same backbone weights, with the threads of a run, timed in
+    alternating pairs. Beside the runs' images/s this splits a ratio into the model's part and the
+    data path's."""
+    import platform
+
+    import torch
+    from torch.utils.data import default_collate
+
+    from sslrun.data.masking import pack_masks
+    from sslrun.launch.threads import cpu_threads
+    from sslrun.models.backbones import build_backbone
+    from sslrun.train import build_method, lr_schedule
+
+    cpu_threads(1)
+    schedule, steps_per_epoch = lr_schedule(cfg, 60000)
+    torch.manual_seed(0)
+    ours = build_method(cfg, schedule, None, steps_per_epoch).train()
+    backbone = build_backbone(cfg.backbone, cfg.data.channels)
+    backbone.load_state_dict(ours.backbone.state_dict())
+    theirs = LightlyMethod(cfg, backbone, schedule.total_steps, steps_per_epoch)
+    theirs.modules.train()
+    batch = cfg.data.batch_size
+    views = [torch.randn(batch, cfg.data.channels, view.size, view.size)
+             for view in cfg.augmentation.views for _ in range(view.count)]
+    our_batch = {"views": views}
+    if ours.sample_masks is not None:
+        our_batch["masks"] = pack_masks([ours.sample_masks(torch.Generator().manual_seed(i)) for i in range(batch)])
+    their_views, _ = (theirs.collate or default_collate)([([view[i] for view in views], 0) for i in range(batch)])
+    losses = {}
+
+    def ours_step():
+        ours.zero_grad(set_to_none=True)
+        loss = ours.training_loss(our_batch).loss
+        loss.backward()
+        losses["sslrun"] = float(loss)
+
+    def theirs_step():
+        theirs.modules.zero_grad(set_to_none=True)
+        loss = theirs.loss(their_views, 0)
+        loss.backward()
+        losses["lightly"] = float(loss)
+
+    def seconds(step) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - start) / steps
+
+    for step in (ours_step, theirs_step):  # warm-up
+        seconds(step)
+    times = [(seconds(ours_step), seconds(theirs_step)) for _ in range(pairs)]
+    ours_ms, theirs_ms = (statistics.median(pair[i] for pair in times) * 1e3 for i in (0, 1))
+    return {"method": cfg.method.name, "batch": batch, "sslrun_ms": round(ours_ms, 2), "lightly_ms": round(theirs_ms, 2),
+            "sslrun_over_lightly": round(theirs_ms / ours_ms, 3), "losses": losses, "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "lightly": _lightly_version(), "date": datetime.now().strftime("%Y-%m-%d")}
+
+
 def _lightly_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -615,6 +677,8 @@ def main() -> int:
     parser.add_argument("--table", action="store_true", help="only rewrite the table from the run directories")
     parser.add_argument("--ijepa-tokens", action="store_true",
                         help="print the tokens per image each I-JEPA side trains on (its own masks) and exit")
+    parser.add_argument("--model-step", action="store_true",
+                        help="time each method's forward and backward alone on both sides (JSON lines) and exit")
     parser.add_argument("overrides", nargs="*", help="more sslrun overrides for both sides (data=mnist5k ...)")
     options = parser.parse_args()
     from sslrun.benchmark import write_results
@@ -629,6 +693,10 @@ def main() -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         parser.error(f"--methods: {bad[0]} has no lightly counterpart here; choose from {', '.join(METHODS)}")
+    if options.model_step:
+        for method in methods:
+            print(json.dumps(model_step(compose([f"method={method}", *options.overrides]))), flush=True)
+        return 0
     for method in methods if not options.table else []:
         (root / method).mkdir(parents=True, exist_ok=True)
         batch = compose([f"method={method}", *options.overrides]).data.batch_size

@@ -3,6 +3,7 @@ independent implementation of the same formulas), and sslrun itself never import
 (lightly is a benchmark-only extra, `make peers`, used by scripts/bench_peers.py)."""
 
 import ast
+import math
 
 import pytest
 import torch
@@ -229,6 +230,21 @@ def test_bench_peers_ijepa_loop_trains_the_context_path_and_evaluates_the_target
     assert all(p.grad is None for p in method.target_backbone.parameters())
     assert backbone.patch_embed.proj.weight.grad.abs().sum() > 0
     assert method.head.predictor_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["mae", "ijepa"])
+def test_bench_peers_times_both_sides_model_step_on_one_batch(lightly_loss, bench_peers, method):
+    """--model-step: both sides' forward and backward on one batch of the recipe's views (I-JEPA's
+    with each side's own masks, sslrun's packed as its loader packs them), each giving a finite
+    loss; the ratio is of the two medians."""
+    from sslrun.config import compose
+    from sslrun.methods.registry import registered
+
+    cfg = compose([f"method={method}", "data.batch_size=8", *registered()[method].test_overrides])
+    result = bench_peers.model_step(cfg, pairs=1, steps=1)
+    assert set(result["losses"]) == {"sslrun", "lightly"}
+    assert all(math.isfinite(loss) and loss > 0 for loss in result["losses"].values()), result
+    assert result["sslrun_over_lightly"] == pytest.approx(result["lightly_ms"] / result["sslrun_ms"], rel=1e-2)
 
 
 def test_bench_peers_table_reads_runs_or_their_records_and_keeps_older_rows(tmp_path, bench_peers):
