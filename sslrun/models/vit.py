@@ -170,7 +170,6 @@ def packed_forward(vit: nn.Module, crops: Sequence[torch.Tensor],
     return vit.packed(crops, masks, mask_token, keep)
 
 
-
 def kept_rows(kept: Kept, tokens: int, prefix: int, device) -> Tuple[torch.Tensor, Tuple[int, ...]]:
     """Rows of the flattened [B * tokens, D] crop that `kept` keeps, and each image's length."""
     if torch.is_tensor(kept) and kept.dim() == 2:
