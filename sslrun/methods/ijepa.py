@@ -19,6 +19,7 @@ from sslrun.losses import ijepa_loss
 from sslrun.methods.base import SSLMethod, StepOutput
 from sslrun.methods.registry import register_method
 from sslrun.methods.teacher import MomentumTeacher
+from sslrun.models.attention import Packing
 from sslrun.models.predictor import NO_POSITION, TokenPredictor
 from sslrun.models.vit import packed_forward, patch_tokens, require_packing
 
@@ -104,19 +105,18 @@ class IJEPA(SSLMethod):
         rows are counted on the host from the masks' lengths: a few index transfers per step, not
         a few per image and block."""
         device, prefix = images.device, self.backbone.num_prefix_tokens
-        context = packed["context"].to(device)
-        counts = np.array(packed["context_lengths"])
-        per_image = list(torch.split(context, packed["context_lengths"]))
-        encoded = packed_forward(self.backbone, [images], keep=[per_image])[0]
-        lengths = prefix + counts  # each image's rows of `encoded`: its prefix tokens, then its context
-        starts = np.cumsum(lengths) - lengths
-        positions = torch.full((int(lengths.sum()),), NO_POSITION, dtype=context.dtype, device=device)
-        positions[_on(_ranges(starts + prefix, counts), device)] = context + 1
-        # One segment per (image, block): the image's context rows, then the block's queries.
-        segments = np.repeat(lengths, self.cfg.targets)
-        rows = _on(_ranges(np.repeat(starts, self.cfg.targets), segments), device)
-        return self.predictor(encoded[rows], positions[rows], segments.tolist(), packed["targets"].to(device) + 1,
-                              packed["target_lengths"])
+        context, counts = packed["context"].to(device), packed["context_lengths"]
+        encoded = packed_forward(self.backbone, [images], keep=[list(torch.split(context, counts))])[0]
+        # `encoded`, image by image: its prefix tokens, then its context tokens.
+        parts = Packing(tuple(length for count in counts for length in (prefix, count)))
+        positions = torch.full((parts.total,), NO_POSITION, dtype=context.dtype, device=device)
+        positions[parts.token_index(torch.arange(1, 2 * len(counts), 2)).to(device)] = context + 1
+        # One segment per (image, block): the image's rows of `encoded`, then the block's queries.
+        per_image = Packing(tuple(prefix + count for count in counts))
+        rows = per_image.token_index(torch.arange(len(counts)).repeat_interleave(self.cfg.targets)).to(device)
+        return self.predictor(encoded[rows], positions[rows],
+                              [prefix + count for count in counts for _ in range(self.cfg.targets)],
+                              packed["targets"].to(device) + 1, packed["target_lengths"])
 
     def target_tokens(self, images: torch.Tensor, packed: dict):
         """(the target encoder's patch tokens at every target patch, in `predict`'s order, picked
@@ -167,16 +167,6 @@ class IJEPA(SSLMethod):
                 tinted = np.where(pixels(block), 0.5 * image + 0.5 * colour, tinted)
             rows.append([np.ascontiguousarray(x.clip(0, 255).round().astype(np.uint8)) for x in (image, context, tinted)])
         return {"context_and_targets": grid(rows)}
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """start_0, ..., start_0 + length_0 - 1, start_1, ...: the concatenated ranges."""
-    offsets = np.cumsum(lengths) - lengths
-    return np.arange(int(lengths.sum())) + np.repeat(starts - offsets, lengths)
-
-
-def _on(indices: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(indices).to(device)
 
 
 _COLOURS = [np.array(c, dtype=np.float32) for c in ((230, 60, 60), (60, 170, 60), (60, 100, 230), (230, 180, 40))]
