@@ -8,8 +8,9 @@ the tokens of its own crop (its *segment*). Each backend computes exactly that:
 - `xformers`: `memory_efficient_attention` with a `BlockDiagonalMask` (CUDA kernels only).
 - `flex`: torch `flex_attention` with a block mask built from segment ids (compiled).
 - `sdpa`: torch `scaled_dot_product_attention` run once per run of equal-length segments (or,
-  where equal lengths lie apart, once per length, gathered), as a batch with no mask: the same
-  result as the block-diagonal mask, without materialising it.
+  where equal lengths lie apart, once per length, gathered: `run_grouped` does that once for
+  every layer of a pass), as a batch with no mask: the same result as the block-diagonal mask,
+  without materialising it.
 - `math`: the dense block-diagonal mask and an explicit softmax; the reference the others are
   tested against (its mask is O(tokens^2): small inputs only).
 
@@ -22,7 +23,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,18 +62,17 @@ class Packing:
         return runs
 
     @cached_property
-    def batches(self) -> Tuple[List[Tuple[int, int]], Optional[torch.Tensor]]:
-        """How SDPA takes the segments: (count, length) per batch of equal-length segments, and the
-        token order that makes each batch contiguous (None: the runs of adjacent equal lengths are
-        the batches). Equal lengths lying apart (I-JEPA's segments) are gathered into one batch,
-        so a length costs one call however its segments are spread."""
+    def grouping(self) -> Tuple[Optional[torch.Tensor], "Packing"]:
+        """The token order that puts equal-length segments side by side (first appearance of each
+        length first), and the packing in that order; (None, self) when they already are. SDPA
+        takes each length as one batch, so a length costs one call however its segments lie."""
         groups = {}
         for segment, length in enumerate(self.lengths):
             groups.setdefault(length, []).append(segment)
         if len(groups) == len(self.runs):
-            return [(count, length) for _, count, length in self.runs], None
+            return None, self
         order = torch.cat([self.token_index(torch.tensor(segments)) for segments in groups.values()])
-        return [(len(segments), length) for length, segments in groups.items()], order
+        return order, Packing(tuple(length for length, segments in groups.items() for _ in segments), self.varying)
 
     def segment_ids(self, device) -> torch.Tensor:
         lengths = torch.tensor(self.lengths, device=device)
@@ -100,22 +100,41 @@ def math_attention(q, k, v, packing: Packing) -> torch.Tensor:
 
 
 def sdpa_attention(q, k, v, packing: Packing) -> torch.Tensor:
-    batches, order = packing.batches
+    order, grouped = packing.grouping
+    batches = [(count, length) for _, count, length in grouped.runs]
     sizes = [count * length for count, length in batches]
-    if order is not None:
+    if order is not None:  # a caller that runs many layers groups once instead: `run_grouped`
         order = order.to(q.device)
 
     def segments(t):  # [1, H, tokens, D] -> per batch [count, H, length, D]
-        t = t[0] if order is None else t[0].index_select(1, order)
+        t = t.squeeze(0) if order is None else t.squeeze(0).index_select(1, order)  # t[0]'s backward fills and copies
         parts = t.split(sizes, dim=1) if len(sizes) > 1 else (t,)  # a split's backward is a cat, even of one
         return [part.unflatten(1, (count, length)).transpose(0, 1) for part, (count, length) in zip(parts, batches)]
 
-    outputs = [F.scaled_dot_product_attention(*qkv).transpose(0, 1).flatten(1, 2)
+    # Each output token by token, [count * length, H, D]: given inputs laid out so (as the qkv
+    # projection's are), SDPA's fused kernels lay out their output so too, which makes this and the
+    # projection's [tokens, H * D] views, not copies.
+    outputs = [F.scaled_dot_product_attention(*qkv).transpose(1, 2).flatten(0, 1)
                for qkv in zip(segments(q), segments(k), segments(v))]
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # a cat of one is a copy
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # a cat of one is a copy
     if order is not None:  # back to the packed order
-        out = torch.empty_like(out).index_copy(1, order, out)
-    return out.unsqueeze(0)
+        out = torch.empty_like(out).index_copy(0, order, out)
+    return out.permute(1, 0, 2).unsqueeze(0)
+
+
+def run_grouped(x: torch.Tensor, packing: Packing, layers: Callable[[torch.Tensor, Packing], torch.Tensor]):
+    """`layers(x, packing)` on x [1, tokens, D], with the equal-length segments put side by side
+    once for all the layers (`Packing.grouping`) and the tokens put back in their order after:
+    token-wise work and block-diagonal attention do not depend on the segments' order, and each
+    layer's SDPA then slices its batches instead of gathering and scattering q, k, v and its output
+    (I-JEPA's segments, every image its own lengths). Efficient stochastic depth draws its subset
+    of segments in the grouped order: the same distribution, other segments for the same seed."""
+    order, grouped = packing.grouping
+    if order is None:
+        return layers(x, packing)
+    order = order.to(x.device)
+    out = layers(x.index_select(1, order), grouped)
+    return torch.empty_like(out).index_copy(1, order, out)
 
 
 FLEX_BLOCK = 128  # flex_attention's default sparse block size (tokens per query / key block)

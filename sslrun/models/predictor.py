@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from sslrun.models.attention import BlockDiagonalAttention, Packing
-from sslrun.models.vit import pack_blocks
+from sslrun.models.attention import BlockDiagonalAttention, Packing, run_grouped
+from sslrun.models.vit import blocks_packed, pack_blocks
 
 NO_POSITION = 0  # the position id of a prefix token; patch j of the grid has id j + 1
 
@@ -80,9 +80,7 @@ class TokenPredictor(nn.Module):
         x[context_at] = embedded + table[context_positions].to(x.dtype)
         x[query_at] = self.mask_token.to(x.dtype) + table[query_positions].to(x.dtype)
         packing = Packing(tuple(c + q for c, q in zip(context_lengths, query_lengths)))
-        x = x.unsqueeze(0)
-        for block in self.blocks:
-            x = block.packed(x, packing, self.attention)
+        x = run_grouped(x.unsqueeze(0), packing, lambda t, p: blocks_packed(self.blocks, t, p, self.attention))
         return self.head(self.norm(x[0, query_at]))
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from sslrun.config import ConfigError
-from sslrun.models.attention import BlockDiagonalAttention, Packing
+from sslrun.models.attention import BlockDiagonalAttention, Packing, run_grouped
 from sslrun.models.multicrop import same_size_runs
 
 
@@ -149,6 +149,12 @@ def packed_block(block: nn.Module, x: torch.Tensor, packing: Packing,
     return x
 
 
+def blocks_packed(blocks, x: torch.Tensor, packing: Packing, attention: BlockDiagonalAttention) -> torch.Tensor:
+    for block in blocks:
+        x = block.packed(x, packing, attention)
+    return x
+
+
 # Patches kept per image: [B, K] indices, or B 1-D index tensors of any lengths.
 Kept = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -177,9 +183,13 @@ def kept_rows(kept: Kept, tokens: int, prefix: int, device) -> Tuple[torch.Tenso
         rows = torch.cat([torch.arange(prefix, device=device).expand(batch, prefix), kept.to(device) + prefix], 1)
         rows = rows + torch.arange(batch, device=device)[:, None] * tokens
         return rows.flatten(), (prefix + count,) * batch
-    per_image = [torch.cat([torch.arange(prefix, device=device), k.to(device) + prefix]) + i * tokens
-                 for i, k in enumerate(kept)]
-    return torch.cat(per_image), tuple(len(rows) for rows in per_image)
+    counts = [len(k) for k in kept]
+    starts = torch.arange(len(kept), device=device) * tokens
+    patches = torch.cat(list(kept)).to(device) + prefix
+    patches += starts.repeat_interleave(torch.tensor(counts, device=device), output_size=len(patches))
+    firsts = (starts[:, None] + torch.arange(prefix, device=device)).unbind()  # each image's prefix rows
+    rows = torch.cat([part for pair in zip(firsts, patches.split(counts)) for part in pair])  # one cat, not one each
+    return rows, tuple(prefix + count for count in counts)
 
 
 def _packed_pass(vit: nn.Module, crops, masks, mask_token, keep=None) -> List[torch.Tensor]:
@@ -199,9 +209,7 @@ def _packed_pass(vit: nn.Module, crops, masks, mask_token, keep=None) -> List[to
             lengths.append(kept_lengths)
     packing = Packing(tuple(length for crop in lengths for length in crop))
     x = (flat[0] if len(flat) == 1 else torch.cat(flat)).unsqueeze(0)  # a cat of one is a copy
-    for block in vit.blocks:
-        x = block.packed(x, packing, attention)
-    x = vit.norm(x)[0]
+    x = vit.norm(run_grouped(x, packing, lambda t, p: blocks_packed(vit.blocks, t, p, attention))).squeeze(0)
     parts = x.split([sum(crop) for crop in lengths])
     return [part if kept is not None else part.view(len(crop), crop[0], -1)
             for part, crop, kept in zip(parts, lengths, keep)]

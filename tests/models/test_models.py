@@ -84,15 +84,15 @@ def test_a_resnet_runs_multi_crop_views_one_batch_per_size():
 
 
 def test_token_predictor_packs_segments_of_any_lengths_as_each_alone():
-    """MAE's decoder / I-JEPA's predictor: three segments (context + queries of 4 + 2, 1 + 5, 6 + 1
-    tokens) in one packed call give, at each query, what the segment gives run alone through the
+    """MAE's decoder / I-JEPA's predictor: four segments (context + queries of 4 + 2, 1 + 6, 6 + 1,
+    2 + 4 tokens: equal lengths apart, which the pass puts side by side) in one packed call give, at each query, what the segment gives run alone through the
     same blocks as a batch of one: embedded context and mask tokens, each plus its position."""
     from sslrun.models.attention import BlockDiagonalAttention
     from sslrun.models.predictor import TokenPredictor
 
     torch.manual_seed(0)
     predictor = TokenPredictor(12, 16, 2, 2, 5, (3, 3), BlockDiagonalAttention("sdpa")).eval()
-    context_lengths, query_lengths = (4, 1, 6), (2, 5, 1)
+    context_lengths, query_lengths = (4, 1, 6, 2), (2, 6, 1, 4)
     context = torch.randn(sum(context_lengths), 12)
     context_positions = torch.randint(0, 10, (sum(context_lengths),))
     query_positions = torch.randint(1, 10, (sum(query_lengths),))

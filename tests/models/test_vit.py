@@ -7,7 +7,7 @@ import timm
 import torch
 
 from sslrun.config import ConfigError
-from sslrun.models.attention import BlockDiagonalAttention, Packing, math_attention
+from sslrun.models.attention import BlockDiagonalAttention, Packing, math_attention, run_grouped
 from sslrun.models.vit import MaskToken, crop_tokens, enable_packing, grouped_forward, packed_forward, residual_on_subset
 
 BATCH = 3
@@ -71,13 +71,14 @@ def test_packed_forward_equals_per_crop_forward_outputs_and_gradients(backend, r
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
 @pytest.mark.parametrize("reg_tokens", [0, 4])
 def test_kept_patches_of_any_count_run_as_each_image_alone(backend, reg_tokens):
-    """`keep` (MAE's encoder, I-JEPA's context): image i keeps its own patches (3, 7 and 1 of 49,
-    and a fixed 5 for a second crop); each image's output and every gradient equal the blocks
-    run on that image's prefix and kept tokens alone, in the order given."""
+    """`keep` (MAE's encoder, I-JEPA's context): image i keeps its own patches (5, 7 and 5 of 49:
+    equal lengths apart, which the pass puts side by side, and a fixed 5 for a second crop); each
+    image's output and every gradient equal the blocks run on that image's prefix and kept tokens
+    alone, in the order given."""
     vit = tiny_vit(backend, reg_tokens).eval()
     crops = multi_crop()[:2]
     g = torch.Generator().manual_seed(4)
-    ragged = [torch.randperm(49, generator=g)[:count] for count in (3, 7, 1)]
+    ragged = [torch.randperm(49, generator=g)[:count] for count in (5, 7, 5)]
     fixed = torch.stack([torch.randperm(49, generator=g)[:5] for _ in range(BATCH)])
     prefix = vit.num_prefix_tokens
     reference = []
@@ -91,7 +92,7 @@ def test_kept_patches_of_any_count_run_as_each_image_alone(backend, reg_tokens):
     vit.zero_grad()
 
     first, second = packed_forward(vit, crops, keep=[ragged, fixed])
-    assert first.shape == (3 * prefix + 11, 192) and second.shape == (BATCH * (prefix + 5), 192)
+    assert first.shape == (3 * prefix + 17, 192) and second.shape == (BATCH * (prefix + 5), 192)
     outputs = [*first.split([prefix + len(k) for k in ragged]), *second.split(prefix + 5)]
     for got, want in zip(outputs, reference):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -221,6 +222,33 @@ def test_sdpa_attention_is_math_attention_for_adjacent_and_scattered_equal_lengt
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for a, b in zip(got_grads, expected_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_run_grouped_gives_the_layers_equal_lengths_side_by_side_and_restores_the_order():
+    """Grouped once for every layer: the layers see each length as one run (first appearance
+    first), and the outputs and gradients are the ungrouped attention's, token for token."""
+    packing = Packing((3, 5, 3, 2, 5, 3))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, packing.total, 8, generator=g).requires_grad_(True)
+    weights = torch.randn(1, packing.total, 8, generator=g)
+    seen = []
+
+    def layers(t, p):  # two attention layers of one head
+        seen.append(p)
+        for _ in range(2):
+            t = math_attention(t[:, None], t[:, None], t[:, None], p)[:, 0] * 1.5
+        return t
+
+    results = []
+    for run in (run_grouped, lambda t, p, f: f(t, p)):
+        out = run(x, packing, layers)
+        results.append((out, torch.autograd.grad((out * weights).sum(), x)[0]))
+    assert seen == [Packing((3, 3, 3, 5, 5, 2)), packing]
+    assert [length for _, _, length in seen[0].runs] == [3, 5, 2]
+    (got, got_grad), (expected, expected_grad) = results
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_grad, expected_grad, atol=1e-6, rtol=1e-6)
+    assert run_grouped(x, Packing((3, 3, 2)), lambda t, p: t) is x  # already grouped: no copy
 
 
 def test_efficient_stochastic_depth_runs_the_branch_on_kept_segments_only():
