@@ -101,13 +101,15 @@ def math_attention(q, k, v, packing: Packing) -> torch.Tensor:
 
 def sdpa_attention(q, k, v, packing: Packing) -> torch.Tensor:
     order, grouped = packing.grouping
-    batches = [(count, length) for _, count, length in grouped.runs]
-    sizes = [count * length for count, length in batches]
-    if order is not None:  # a caller that runs many layers groups once instead: `run_grouped`
+    if order is not None:  # equal lengths apart, from a caller that did not group them once (`run_grouped`)
         order = order.to(q.device)
+        out = sdpa_attention(*(t.index_select(2, order) for t in (q, k, v)), grouped)
+        return torch.empty_like(out).index_copy(2, order, out)
+    batches = [(count, length) for _, count, length in packing.runs]
+    sizes = [count * length for count, length in batches]
 
     def segments(t):  # [1, H, tokens, D] -> per batch [count, H, length, D]
-        t = t.squeeze(0) if order is None else t.squeeze(0).index_select(1, order)  # t[0]'s backward fills and copies
+        t = t.squeeze(0)  # t[0]'s backward fills and copies
         parts = t.split(sizes, dim=1) if len(sizes) > 1 else (t,)  # a split's backward is a cat, even of one
         return [part.unflatten(1, (count, length)).transpose(0, 1) for part, (count, length) in zip(parts, batches)]
 
@@ -117,8 +119,6 @@ def sdpa_attention(q, k, v, packing: Packing) -> torch.Tensor:
     outputs = [F.scaled_dot_product_attention(*qkv).transpose(1, 2).flatten(0, 1)
                for qkv in zip(segments(q), segments(k), segments(v))]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # a cat of one is a copy
-    if order is not None:  # back to the packed order
-        out = torch.empty_like(out).index_copy(0, order, out)
     return out.permute(1, 0, 2).unsqueeze(0)
 
 
