@@ -618,19 +618,36 @@ def model_step(cfg, pairs: int = 5, steps: int = 5) -> dict:
     if ours.sample_masks is not None:
         our_batch["masks"] = pack_masks([ours.sample_masks(torch.Generator().manual_seed(i)) for i in range(batch)])
     their_views, _ = (theirs.collate or default_collate)([([view[i] for view in views], 0) for i in range(batch)])
+    our_batches = {"sslrun": our_batch}
+    if ours.sample_masks is not None:  # I-JEPA: the ratio taken apart, sslrun on two other sets of masks
+        from sslrun.data.masking import ContextAndTargets, unpack_masks
+
+        _, context, targets = their_views  # lightly's masks: lightly's work exactly
+        our_batches["sslrun_on_lightly_masks"] = {"views": views, "masks": pack_masks(
+            [ContextAndTargets(context[0][i], [block[i] for block in targets]) for i in range(batch)])}
+        # sslrun's work with one length per segment kind: the masks of its image nearest the mean
+        # counts, repeated for every image (so SDPA takes one batch per layer, as on lightly's)
+        own = unpack_masks(our_batch["masks"])
+        sizes = [(len(mask.context), sum(len(block) for block in mask.targets)) for mask in own]
+        mean = [statistics.mean(size[i] for size in sizes) for i in (0, 1)]
+        typical = own[min(range(batch), key=lambda i: sum(abs(sizes[i][k] - mean[k]) / mean[k] for k in (0, 1)))]
+        our_batches["sslrun_equal_lengths"] = {"views": views, "masks": pack_masks([typical] * batch)}
+        tokens = {"sslrun": [round(value, 1) for value in mean],
+                  "sslrun_equal_lengths": [len(typical.context), sum(len(block) for block in typical.targets)],
+                  "lightly": [context[0].shape[1], sum(block.shape[1] for block in targets)]}
     losses = {}
 
-    def ours_step():
+    def our_step(name):
         ours.zero_grad(set_to_none=True)
-        loss = ours.training_loss(our_batch).loss
+        loss = ours.training_loss(our_batches[name]).loss
         loss.backward()
-        losses["sslrun"] = float(loss)
+        losses[name] = float(loss.detach())
 
     def theirs_step():
         theirs.modules.zero_grad(set_to_none=True)
         loss = theirs.loss(their_views, 0)
         loss.backward()
-        losses["lightly"] = float(loss)
+        losses["lightly"] = float(loss.detach())
 
     def seconds(step) -> float:
         start = time.perf_counter()
@@ -638,12 +655,20 @@ def model_step(cfg, pairs: int = 5, steps: int = 5) -> dict:
             step()
         return (time.perf_counter() - start) / steps
 
-    for step in (ours_step, theirs_step):  # warm-up
+    sides = {"lightly": theirs_step, **{name: lambda name=name: our_step(name) for name in our_batches}}
+    for step in sides.values():  # warm-up
         seconds(step)
-    times = [(seconds(ours_step), seconds(theirs_step)) for _ in range(pairs)]
-    ours_ms, theirs_ms = (statistics.median(pair[i] for pair in times) * 1e3 for i in (0, 1))
+    times = [{name: seconds(step) for name, step in sides.items()} for _ in range(pairs)]  # alternating
+    ms = {name: statistics.median(row[name] for row in times) * 1e3 for name in sides}
+    theirs_ms, ours_ms = ms.pop("lightly"), ms.pop("sslrun")
+    equal_work = {key: round(value, 3) for name, other in ms.items()
+                  for key, value in ((f"{name}_ms", other), (f"{name}_over_lightly", theirs_ms / other))}
+    if "sslrun_equal_lengths" in ms:
+        equal_work["variable_lengths_cost"] = round(ours_ms / ms["sslrun_equal_lengths"], 3)
+        equal_work["context_and_target_tokens_per_image"] = tokens
     return {"method": cfg.method.name, "batch": batch, "sslrun_ms": round(ours_ms, 2), "lightly_ms": round(theirs_ms, 2),
-            "sslrun_over_lightly": round(theirs_ms / ours_ms, 3), "losses": losses, "threads": torch.get_num_threads(),
+            "sslrun_over_lightly": round(theirs_ms / ours_ms, 3), **equal_work, "losses": losses,
+            "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "lightly": _lightly_version(), "date": datetime.now().strftime("%Y-%m-%d")}
 
@@ -678,7 +703,8 @@ def main() -> int:
     parser.add_argument("--ijepa-tokens", action="store_true",
                         help="print the tokens per image each I-JEPA side trains on (its own masks) and exit")
     parser.add_argument("--model-step", action="store_true",
-                        help="time each method's forward and backward alone on both sides (JSON lines) and exit")
+                        help="time each method's forward and backward alone on both sides (JSON lines) and exit; "
+                             "I-JEPA's sslrun side also on lightly's masks and at equal lengths")
     parser.add_argument("overrides", nargs="*", help="more sslrun overrides for both sides (data=mnist5k ...)")
     options = parser.parse_args()
     from sslrun.benchmark import write_results

@@ -236,15 +236,23 @@ def test_bench_peers_ijepa_loop_trains_the_context_path_and_evaluates_the_target
 def test_bench_peers_times_both_sides_model_step_on_one_batch(lightly_loss, bench_peers, method):
     """--model-step: both sides' forward and backward on one batch of the recipe's views (I-JEPA's
     with each side's own masks, sslrun's packed as its loader packs them), each giving a finite
-    loss; the ratio is of the two medians."""
+    loss; the ratio is of the two medians. I-JEPA's sslrun side also runs on lightly's masks (the
+    same work as lightly's step) and on one image's masks for every image (its own work at equal
+    lengths), each with a loss of its own and its own ratio."""
     from sslrun.config import compose
     from sslrun.methods.registry import registered
 
     cfg = compose([f"method={method}", "data.batch_size=8", *registered()[method].test_overrides])
     result = bench_peers.model_step(cfg, pairs=1, steps=1)
-    assert set(result["losses"]) == {"sslrun", "lightly"}
+    equal_work = ["sslrun_on_lightly_masks", "sslrun_equal_lengths"] if method == "ijepa" else []
+    assert set(result["losses"]) == {"sslrun", "lightly", *equal_work}
     assert all(math.isfinite(loss) and loss > 0 for loss in result["losses"].values()), result
-    assert result["sslrun_over_lightly"] == pytest.approx(result["lightly_ms"] / result["sslrun_ms"], rel=1e-2)
+    for side in ["sslrun", *equal_work]:
+        assert result[f"{side}_over_lightly"] == pytest.approx(result["lightly_ms"] / result[f"{side}_ms"], rel=1e-2)
+    if equal_work:  # other masks: other losses from the same weights and images
+        assert len({result["losses"][side] for side in ["sslrun", *equal_work]}) == 3
+        assert result["variable_lengths_cost"] == pytest.approx(
+            result["sslrun_ms"] / result["sslrun_equal_lengths_ms"], rel=1e-2)
 
 
 def test_bench_peers_table_reads_runs_or_their_records_and_keeps_older_rows(tmp_path, bench_peers):
