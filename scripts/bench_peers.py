@@ -592,7 +592,9 @@ def model_step(cfg, pairs: int = 5, steps: int = 5) -> dict:
     EMA update, no data loading) on one fixed batch of the recipe's views (random pixels; I-JEPA's
     masks each side's own), from the same backbone weights, with the threads of a run, timed in
     alternating pairs. Beside the runs' images/s this splits a ratio into the model's part and the
-    data path's."""
+    data path's. I-JEPA's sslrun side also runs on lightly's masks (lightly's work) and on its own
+    token counts at one length (`variable_lengths_cost`: its masks' time over that), so its ratio
+    splits into the work each side's masking asks for and the price of every image's own lengths."""
     import platform
 
     import torch
@@ -661,13 +663,13 @@ def model_step(cfg, pairs: int = 5, steps: int = 5) -> dict:
     times = [{name: seconds(step) for name, step in sides.items()} for _ in range(pairs)]  # alternating
     ms = {name: statistics.median(row[name] for row in times) * 1e3 for name in sides}
     theirs_ms, ours_ms = ms.pop("lightly"), ms.pop("sslrun")
-    equal_work = {key: round(value, 3) for name, other in ms.items()
+    other_masks = {key: round(value, 3) for name, other in ms.items()
                   for key, value in ((f"{name}_ms", other), (f"{name}_over_lightly", theirs_ms / other))}
     if "sslrun_equal_lengths" in ms:
-        equal_work["variable_lengths_cost"] = round(ours_ms / ms["sslrun_equal_lengths"], 3)
-        equal_work["context_and_target_tokens_per_image"] = tokens
+        other_masks["variable_lengths_cost"] = round(ours_ms / ms["sslrun_equal_lengths"], 3)
+        other_masks["context_and_target_tokens_per_image"] = tokens
     return {"method": cfg.method.name, "batch": batch, "sslrun_ms": round(ours_ms, 2), "lightly_ms": round(theirs_ms, 2),
-            "sslrun_over_lightly": round(theirs_ms / ours_ms, 3), **equal_work, "losses": losses,
+            "sslrun_over_lightly": round(theirs_ms / ours_ms, 3), **other_masks, "losses": losses,
             "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "lightly": _lightly_version(), "date": datetime.now().strftime("%Y-%m-%d")}
