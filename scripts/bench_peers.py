@@ -557,6 +557,16 @@ def table(methods, seeds, root: Path, records: Path, carried: Tuple[dict, str]) 
     return header + "\n\n" + "\n".join(lines) + note
 
 
+def sslrun_mask_tokens(mask) -> tuple:
+    """(context, target) tokens of one image's sslrun masks."""
+    return len(mask.context), sum(len(block) for block in mask.targets)
+
+
+def lightly_mask_tokens(context, targets) -> tuple:
+    """(context, target) tokens per image of a batch of lightly's masks (equal for every image)."""
+    return context[0].shape[1], sum(block.shape[1] for block in targets)
+
+
 def ijepa_tokens(cfg, batches: int = 50) -> str:
     """What each I-JEPA side trains on per image: context and target tokens of its own masks
     (lightly's collator cuts every block to the batch's shortest; sslrun keeps them all) at the
@@ -575,12 +585,12 @@ def ijepa_tokens(cfg, batches: int = 50) -> str:
         start = time.perf_counter()
         _, context, targets = collator(items)
         seconds["lightly"] += time.perf_counter() - start
-        counts["lightly"].append((context[0].shape[1], sum(block.shape[1] for block in targets)))
+        counts["lightly"].append(lightly_mask_tokens(context, targets))
         start = time.perf_counter()
         masks = multiblock_masks(batch, (side, side), m.targets, m.target_scale, m.target_aspect, m.context_scale,
                                  generator)
         seconds["sslrun"] += time.perf_counter() - start
-        counts["sslrun"] += [(len(mask.context), sum(len(block) for block in mask.targets)) for mask in masks]
+        counts["sslrun"] += [sslrun_mask_tokens(mask) for mask in masks]
     return "\n".join(
         f"{name}: context {statistics.mean(c for c, _ in found):.1f}, targets {statistics.mean(t for _, t in found):.1f} "
         f"tokens per image; masks drawn in {seconds[name] / batches * 1e3:.1f} ms per batch of {batch}"
@@ -616,27 +626,25 @@ def model_step(cfg, pairs: int = 5, steps: int = 5) -> dict:
     batch = cfg.data.batch_size
     views = [torch.randn(batch, cfg.data.channels, view.size, view.size)
              for view in cfg.augmentation.views for _ in range(view.count)]
-    our_batch = {"views": views}
-    if ours.sample_masks is not None:
-        our_batch["masks"] = pack_masks([ours.sample_masks(torch.Generator().manual_seed(i)) for i in range(batch)])
     their_views, _ = (theirs.collate or default_collate)([([view[i] for view in views], 0) for i in range(batch)])
-    our_batches = {"sslrun": our_batch}
-    if ours.sample_masks is not None:  # I-JEPA: the ratio taken apart, sslrun on two other sets of masks
-        from sslrun.data.masking import ContextAndTargets, unpack_masks
+    our_batches, other_masks = {"sslrun": {"views": views}}, {}
+    if ours.sample_masks is not None:  # I-JEPA; its ratio taken apart: sslrun on two other sets of masks
+        from sslrun.data.masking import ContextAndTargets
 
+        own = [ours.sample_masks(torch.Generator().manual_seed(i)) for i in range(batch)]
         _, context, targets = their_views  # lightly's masks: lightly's work exactly
-        our_batches["sslrun_on_lightly_masks"] = {"views": views, "masks": pack_masks(
-            [ContextAndTargets(context[0][i], [block[i] for block in targets]) for i in range(batch)])}
+        theirs_as_ours = [ContextAndTargets(context[0][i], [block[i] for block in targets]) for i in range(batch)]
         # sslrun's work with one length per segment kind: the masks of its image nearest the mean
         # counts, repeated for every image (so SDPA takes one batch per layer, as on lightly's)
-        own = unpack_masks(our_batch["masks"])
-        sizes = [(len(mask.context), sum(len(block) for block in mask.targets)) for mask in own]
-        mean = [statistics.mean(size[i] for size in sizes) for i in (0, 1)]
-        typical = own[min(range(batch), key=lambda i: sum(abs(sizes[i][k] - mean[k]) / mean[k] for k in (0, 1)))]
-        our_batches["sslrun_equal_lengths"] = {"views": views, "masks": pack_masks([typical] * batch)}
-        tokens = {"sslrun": [round(value, 1) for value in mean],
-                  "sslrun_equal_lengths": [len(typical.context), sum(len(block) for block in typical.targets)],
-                  "lightly": [context[0].shape[1], sum(block.shape[1] for block in targets)]}
+        sizes = [sslrun_mask_tokens(mask) for mask in own]
+        mean = [statistics.mean(size[k] for size in sizes) for k in (0, 1)]
+        typical = min(range(batch), key=lambda i: sum(abs(sizes[i][k] - mean[k]) / mean[k] for k in (0, 1)))
+        for name, masks in (("sslrun", own), ("sslrun_on_lightly_masks", theirs_as_ours),
+                            ("sslrun_equal_lengths", [own[typical]] * batch)):
+            our_batches[name] = {"views": views, "masks": pack_masks(masks)}
+        other_masks["context_and_target_tokens_per_image"] = {
+            "sslrun": [round(value, 1) for value in mean], "sslrun_equal_lengths": list(sizes[typical]),
+            "lightly": list(lightly_mask_tokens(context, targets))}
     losses = {}
 
     def our_step(name):
@@ -663,11 +671,10 @@ def model_step(cfg, pairs: int = 5, steps: int = 5) -> dict:
     times = [{name: seconds(step) for name, step in sides.items()} for _ in range(pairs)]  # alternating
     ms = {name: statistics.median(row[name] for row in times) * 1e3 for name in sides}
     theirs_ms, ours_ms = ms.pop("lightly"), ms.pop("sslrun")
-    other_masks = {key: round(value, 3) for name, other in ms.items()
-                  for key, value in ((f"{name}_ms", other), (f"{name}_over_lightly", theirs_ms / other))}
+    for name, other in ms.items():
+        other_masks.update({f"{name}_ms": round(other, 3), f"{name}_over_lightly": round(theirs_ms / other, 3)})
     if "sslrun_equal_lengths" in ms:
         other_masks["variable_lengths_cost"] = round(ours_ms / ms["sslrun_equal_lengths"], 3)
-        other_masks["context_and_target_tokens_per_image"] = tokens
     return {"method": cfg.method.name, "batch": batch, "sslrun_ms": round(ours_ms, 2), "lightly_ms": round(theirs_ms, 2),
             "sslrun_over_lightly": round(theirs_ms / ours_ms, 3), **other_masks, "losses": losses,
             "threads": torch.get_num_threads(),

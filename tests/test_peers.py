@@ -244,13 +244,13 @@ def test_bench_peers_times_both_sides_model_step_on_one_batch(lightly_loss, benc
 
     cfg = compose([f"method={method}", "data.batch_size=8", *registered()[method].test_overrides])
     result = bench_peers.model_step(cfg, pairs=1, steps=1)
-    equal_work = ["sslrun_on_lightly_masks", "sslrun_equal_lengths"] if method == "ijepa" else []
-    assert set(result["losses"]) == {"sslrun", "lightly", *equal_work}
+    other_masks = ["sslrun_on_lightly_masks", "sslrun_equal_lengths"] if method == "ijepa" else []
+    assert set(result["losses"]) == {"sslrun", "lightly", *other_masks}
     assert all(math.isfinite(loss) and loss > 0 for loss in result["losses"].values()), result
-    for side in ["sslrun", *equal_work]:
+    for side in ["sslrun", *other_masks]:
         assert result[f"{side}_over_lightly"] == pytest.approx(result["lightly_ms"] / result[f"{side}_ms"], rel=1e-2)
-    if equal_work:  # other masks: other losses from the same weights and images
-        assert len({result["losses"][side] for side in ["sslrun", *equal_work]}) == 3
+    if other_masks:  # other masks: other losses from the same weights and images
+        assert len({result["losses"][side] for side in ["sslrun", *other_masks]}) == 3
         assert result["variable_lengths_cost"] == pytest.approx(
             result["sslrun_ms"] / result["sslrun_equal_lengths_ms"], rel=1e-2)
 
