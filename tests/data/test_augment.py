@@ -41,8 +41,19 @@ def test_greyscale_and_solarize_match_torchvision(rgb):
     assert torch.allclose(A.solarize(rgb), TF.solarize(rgb, 0.5), atol=1e-7)
 
 
-def test_hsv_round_trip(rgb):
-    assert torch.allclose(A.hsv_to_rgb(A.rgb_to_hsv(rgb)), rgb, atol=1e-5)
+def test_hue_matches_torchvision_on_greys_ties_and_every_sector():
+    """The closed-form hue rotation against torchvision's HSV round trip: random pixels, grey ones
+    (no hue), ties between the largest channels, pure and saturated colours, and shifts that wrap
+    through every sector in both directions; a zero shift gives the image back."""
+    x = torch.rand(24, 3, 9, 9, generator=torch.Generator().manual_seed(3))
+    x[:, :, 0] = x[:, :1, 0]  # grey rows
+    x[:, 1, 1] = x[:, 0, 1]  # R == G ties
+    x[:, 2, 2] = x[:, 1, 2]  # G == B ties
+    x[:, :, 3, :6] = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 1], [0, 0, 1], [1, 0, 1]]).T.float()
+    x[:, :, 4, 0], x[:, :, 4, 1] = 0.0, 1.0  # black and white
+    shifts = torch.linspace(-0.5, 0.5, 24)
+    assert torch.allclose(A.adjust_hue(x, shifts), per_image(TF.adjust_hue, x, shifts), atol=1e-5)
+    assert torch.allclose(A.adjust_hue(x, torch.zeros(24)), x, atol=1e-6)
 
 
 def test_blur_matches_torchvision_per_image_sigma():
@@ -50,6 +61,18 @@ def test_blur_matches_torchvision_per_image_sigma():
     sigma = torch.tensor([0.5, 1.0, 2.0])
     expected = torch.stack([TF.gaussian_blur(img, [7, 7], [float(s), float(s)]) for img, s in zip(x, sigma)])
     assert torch.allclose(A.gaussian_blur(x, sigma, 7), expected, atol=1e-5)
+
+
+def test_blur_kernel_has_no_subnormal_weights_and_sums_to_one():
+    """Subnormal floats in the kernel slow every product they enter several times on CPUs: the
+    kernel zeroes tails below 1e-12 (invisible in float32 on [0, 1] pixels) and still sums to 1."""
+    sigma = torch.linspace(0.1, 2.0, 1901)
+    kernel = A.gaussian_kernel(sigma, 6)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((kernel > 0) & (kernel < tiny)).any()
+    assert torch.allclose(kernel.sum(dim=1), torch.ones(1901), atol=1e-6)
+    unclipped = torch.exp(-0.5 * (torch.arange(-6.0, 7.0)[None] / sigma[:, None]) ** 2)
+    assert ((unclipped > 0) & (unclipped < tiny)).any()  # without the clip there are some
 
 
 def spec(**overrides):
