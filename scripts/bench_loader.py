@@ -5,12 +5,16 @@ A generated ImageNet-style folder (`--images` JPEGs in 8 classes, sides 300-500 
 colour fields, texture, hard-edged patches and grain, so they compress like photographs) is read
 through sslrun's own DataModule as a run builds it (`data=imagefolder`, `recipe=none`: the paper's
 views), for SimCLR's two 224 px views and DINO's multi-crop (2 x 224 + 10 x 96 px), with
-`data.decode=cpu` and `data.decode=device`. Three rates, each after a warm-up:
+`data.decode=cpu` and `data.decode=device`; and, when lightly is installed (`make peers`), the same
+views as lightly's per-image pipeline: each image decoded by PIL and put through lightly's own view
+transforms in the workers (`scripts/bench_peers.py`'s `lightly_views`), batched by the default
+collate, as its loop loads them. Three rates, each after a warm-up:
 
 1. loader: images/s of the training DataLoader alone, what the CPU workers do, with 0 (the main
    process), 1 and 2 workers; the 1-worker rate is the per-worker rate;
-2. device step: images/s of the batch's part on the training device (`on_after_batch_transfer`):
-   the batched photometric augmentation, and for data.decode=device the JPEG decoding and crops;
+2. device step: images/s of the batch's part on the training device: its transfer and
+   `on_after_batch_transfer`, the batched photometric augmentation, and for data.decode=device the
+   JPEG decoding and crops (lightly's batch arrives augmented: its transfer only, float32 views);
 3. training step: images/s of the recipe's model on the device (SimCLR ResNet-50, DINO ViT-S/16
    with 65,536 prototypes): forward, loss, backward (no optimizer step).
 
@@ -34,12 +38,16 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from sslrun.config import compose
 from sslrun.data.datamodule import SSLDataModule
+from sslrun.data.datasets import build_splits
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
 WORKERS = (0, 1, 2)  # 0: the main process
+LIGHTLY = "lightly, per image"  # the pipeline column's name for lightly's loader
 RECIPES = {"SimCLR, 2 x 224": ("simclr", "ResNet-50"), "DINO, 2 x 224 + 10 x 96": ("dino", "ViT-S/16")}
 
 
@@ -82,17 +90,27 @@ def data_module(cfg) -> SSLDataModule:
     return SSLDataModule(cfg.data, cfg.augmentation.views, cfg.eval, 1, 1, cfg.seed)
 
 
-def loader_rate(cfg) -> float:
-    """Images/s of one epoch of the training loader, its first batch (worker start-up) not timed.
-    The main process reads with one torch thread, as each worker does (the rates compare)."""
+def lightly_loader(cfg) -> DataLoader:
+    """lightly's per-image pipeline over the same folder: PIL decode, lightly's view transforms for
+    the recipe's views, in `data.num_workers` workers, the default collate."""
+    from bench_peers import _Transformed, lightly_views
+
+    workers = cfg.data.num_workers
+    return DataLoader(_Transformed(build_splits(cfg.data).train, lightly_views(cfg)), batch_size=cfg.data.batch_size,
+                      shuffle=True, drop_last=True, num_workers=workers)
+
+
+def loader_rate(cfg, pipeline: str) -> float:
+    """Images/s of one epoch of the pipeline's training loader, its first batch (worker start-up) not
+    timed. The main process reads with one torch thread, as each worker does (the rates compare)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        batches = iter(data_module(cfg).train_dataloader())
+        batches = iter(lightly_loader(cfg) if pipeline == LIGHTLY else data_module(cfg).train_dataloader())
         next(batches)
         start, images = time.perf_counter(), 0
         for batch in batches:
-            images += len(batch["index"])
+            images += len(batch["index"] if isinstance(batch, dict) else batch[1])
         return images / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
@@ -103,22 +121,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def device_rate(cfg, device: torch.device, batches: int):
-    """Images/s of on_after_batch_transfer on `device` (the first batch not timed), and the batches'
-    crops (uint8, before the photometric step) to compare the two decoders with."""
+def device_rate(cfg, device: torch.device, batches: int, pipeline: str):
+    """Images/s of the batch's transfer and on_after_batch_transfer on `device` (the first batch not
+    timed), and sslrun's crops (uint8, before the photometric step) to compare the two decoders with."""
     module = data_module(cfg)
-    loaded = [batch for _, batch in zip(range(batches + 1), module.train_dataloader())]
+    source = lightly_loader(cfg) if pipeline == LIGHTLY else module.train_dataloader()
+    loaded = [batch for _, batch in zip(range(batches + 1), source)]
     times, crops = [], []
     for batch in loaded:
-        batch = move_data_to_device(batch, device)
         synchronize(device)
         start = time.perf_counter()
-        if "encoded" in batch:
-            batch["views"] = module.device_crops(batch)
-        crops.append([view.cpu() for view in batch["views"]])
-        module.on_after_batch_transfer(batch, 0)
+        batch = move_data_to_device(batch, device)
+        if pipeline != LIGHTLY:
+            if "encoded" in batch:
+                batch["views"] = module.device_crops(batch)
+            uint8_crops = batch["views"]
+            module.on_after_batch_transfer(batch, 0)
         synchronize(device)
         times.append(time.perf_counter() - start)
+        if pipeline != LIGHTLY:
+            crops.append([view.cpu() for view in uint8_crops])
     return cfg.data.batch_size / statistics.median(times[1:]), crops
 
 
@@ -156,9 +178,13 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     step_batch = args.step_batch or (4 if device.type == "cpu" else 128)
-    sys.path.insert(0, str(REPO / "scripts"))
     from bench import machine
 
+    try:
+        import lightly
+        pipelines, lightly_note = ("cpu", "device", LIGHTLY), f"lightly {lightly.__version__}'s pipeline"
+    except ImportError as error:  # lightly is the benchmark-only extra: `make peers`
+        pipelines, lightly_note = ("cpu", "device"), f"lightly's pipeline not measured (lightly: {error})"
     rows, agreement, load = [], [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
@@ -170,12 +196,13 @@ def main() -> None:
             step = step_rate(method, root, step_batch, args.steps, device)
             print(f"{recipe}: {model} step {step:.1f} images/s", flush=True)
             crops = {}
-            for decode in ("cpu", "device"):
-                loader = [loader_rate(config(method, root, args.batch, w, decode)) for w in WORKERS]
-                on_device, crops[decode] = device_rate(config(method, root, args.batch, 0, decode), device, 5)
+            for pipeline in pipelines:
+                decode = "cpu" if pipeline == LIGHTLY else pipeline
+                loader = [loader_rate(config(method, root, args.batch, w, decode), pipeline) for w in WORKERS]
+                on_device, crops[pipeline] = device_rate(config(method, root, args.batch, 0, decode), device, 5, pipeline)
                 needed = 1 / (1 / on_device + 1 / step) / loader[1]
-                rows.append((recipe, decode, loader, on_device, model, step, needed))
-                print(f"  decode={decode}: loader {loader}, device step {on_device:.0f} images/s", flush=True)
+                rows.append((recipe, pipeline, loader, on_device, model, step, needed))
+                print(f"  {pipeline}: loader {loader}, device step {on_device:.0f} images/s", flush=True)
             difference = torch.cat([(a.int() - b.int()).abs().flatten().float()
                                     for batch, other in zip(crops["cpu"], crops["device"])
                                     for a, b in zip(batch, other)])
@@ -184,22 +211,26 @@ def main() -> None:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip() or "uncommitted"
-    table = ["| recipe | data.decode | loader, main process | loader, 1 worker | loader, 2 workers (per worker) "
+    table = ["| recipe | pipeline | loader, main process | loader, 1 worker | loader, 2 workers (per worker) "
              "| device step | training step | workers per device |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for recipe, decode, loader, on_device, model, step, needed in rows:
-        table.append(f"| {recipe} | {decode} | {loader[0]:.0f} | {loader[1]:.0f} | {loader[2]:.0f} "
-                     f"({loader[2] / 2:.0f}) | {on_device:.0f} | {step:.3g} ({model}) | {needed:.2g} |")
+    for recipe, pipeline, loader, on_device, model, step, needed in rows:
+        name = pipeline if pipeline == LIGHTLY else f"sslrun, data.decode={pipeline}"
+        device_step = f"{on_device:.3g} (transfer only)" if pipeline == LIGHTLY else f"{on_device:.0f}"
+        table.append(f"| {recipe} | {name} | {loader[0]:.0f} | {loader[1]:.0f} | {loader[2]:.0f} "
+                     f"({loader[2] / 2:.0f}) | {device_step} | {step:.3g} ({model}) | {needed:.2g} |")
     section = f"""
 ## Loader throughput per worker against the training step, {datetime.date.today().isoformat()}
 
 - Machine: {machine()}; training device `{device}`; load average (1 min) {load:.1f} before, {os.getloadavg()[0]:.1f} after
 - Command: `make bench` / `python scripts/bench_loader.py --images {args.images} --batch {args.batch} --device {device.type} --step-batch {step_batch}` (commit {commit})
 - Data: {args.images} generated JPEGs (sides 300-500 px, quality 90, {kib:.0f} KiB on average) in 8 class folders,
-  read through sslrun's DataModule (`data=imagefolder recipe=none`), loader batch {args.batch}, one epoch per
-  loader measurement (first batch not timed). All rates in images/s. Device step: `on_after_batch_transfer` on
-  `{device}` (photometric augmentation; with `data.decode=device` also decoding and crops), median of 5
-  batches after one. Training step: forward, loss, backward at batch {step_batch}, {"bf16 autocast" if device.type == "cuda" else "fp32"}, median of {args.steps} steps after one.
+  read through sslrun's DataModule (`data=imagefolder recipe=none`) and, where named, {lightly_note}: PIL decode
+  and lightly's view transforms per image in the workers, the default collate. Loader batch {args.batch}, one epoch
+  per loader measurement (first batch not timed). All rates in images/s. Device step: the batch's transfer to
+  `{device}` and `on_after_batch_transfer` (sslrun's photometric augmentation; with `data.decode=device` also
+  decoding and crops; lightly's batch arrives augmented, as float32), median of 5 batches after one. Training
+  step: forward, loss, backward at batch {step_batch}, {"bf16 autocast" if device.type == "cuda" else "fp32"}, median of {args.steps} steps after one.
 - Workers per device = 1 / (1 / device step + 1 / training step) / per-worker rate (the 1-worker loader rate).
 - The crops of the two decoders (uint8, before the photometric step, same batches): {"; ".join(agreement)}.
 

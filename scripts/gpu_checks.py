@@ -46,7 +46,10 @@ interrupted run still leaves what it measured):
    over alternating rounds; images/s, TFLOP/s from `sslrun.models.flops.count_flops` (forward +
    backward, teacher forward included), MFU against the device's dense bf16 peak (`peak_flops`;
    the goal: 40 % for DINO), and how far the compiled losses are from the eager ones (same seeds).
-   Then `scripts/bench_loader.py --device cuda --images 192` (its markdown kept) if the budget allows.
+   Then `scripts/bench_loader.py --device cuda --images 192` (its markdown kept) if the budget allows,
+   with lightly's per-image pipeline beside sslrun's where lightly imports: lightly is pure Python,
+   so a device without it takes this checkout's copy (the device tool's carry of
+   `.venv/lib/python3.11/site-packages/lightly`, that folder on PYTHONPATH).
 
 Legs run in the order `--only` names them (default 1,2,3,6,7,4,5).
 

@@ -29,15 +29,24 @@ def lightly_loss():
     return pytest.importorskip("lightly.loss", reason="lightly is installed by `make peers` (make test does)")
 
 
-@pytest.fixture
-def bench_peers():
-    """scripts/bench_peers.py as a module."""
+def _script(name: str):
+    """scripts/<name>.py as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_peers", REPO / "scripts" / "bench_peers.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def bench_peers():
+    return _script("bench_peers")
+
+
+@pytest.fixture
+def bench_loader():
+    return _script("bench_loader")
 
 
 @pytest.fixture
@@ -123,6 +132,22 @@ def test_bench_peers_maps_each_sslrun_view_to_a_lightly_view(lightly_loss, bench
             normalize = steps["Normalize"]
             assert isinstance(normalize, v2.Normalize) or hasattr(normalize, "mean")
             assert list(normalize.mean) == list(cfg.data.mean) and list(normalize.std) == list(cfg.data.std)
+
+
+def test_bench_loader_reads_one_folder_through_sslruns_pipeline_and_lightlys(lightly_loss, bench_loader, tmp_path):
+    """scripts/bench_loader.py's lightly rows read the folder its sslrun rows read, as many batches per
+    epoch and the recipe's views (count and sizes): lightly's augmented in the workers (float32),
+    sslrun's as uint8 crops that the device step augments."""
+    bench_loader.make_folder(tmp_path, 12)
+    for method in ("simclr", "dino"):
+        cfg = bench_loader.config(method, tmp_path, 4, 0, "cpu")
+        shapes = [(4, 3, view.size, view.size) for view in cfg.augmentation.views for _ in range(view.count)]
+        ours, theirs = bench_loader.data_module(cfg).train_dataloader(), bench_loader.lightly_loader(cfg)
+        assert len(ours) == len(theirs) == 3, method
+        batch, (views, labels) = next(iter(ours)), next(iter(theirs))
+        assert [tuple(view.shape) for view in batch["views"]] == [tuple(view.shape) for view in views] == shapes, method
+        assert {view.dtype for view in batch["views"]} == {torch.uint8} and {view.dtype for view in views} == {torch.float32}
+        assert len(labels) == 4 and bench_loader.loader_rate(cfg, bench_loader.LIGHTLY) > 0, method
 
 
 def test_nearest_neighbour_support_set_equals_lightlys():
