@@ -17,6 +17,7 @@ inputs (one channel) skip the ops that need colour.
 """
 
 import math
+from functools import partial
 from types import SimpleNamespace
 from typing import List, Optional, Sequence
 
@@ -33,6 +34,11 @@ def grey(x: torch.Tensor) -> torch.Tensor:
         return x
     r, g, b = x.unbind(1)
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def greyscale(x: torch.Tensor) -> torch.Tensor:
+    """RGB images as their luma in all three channels."""
+    return grey(x).expand_as(x)
 
 
 def _per_image(values: torch.Tensor) -> torch.Tensor:
@@ -151,10 +157,6 @@ def _plain(spec):
     return spec
 
 
-def _where_images(mask: torch.Tensor, changed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    return torch.where(_per_image(mask), changed, original)
-
-
 class PhotometricAugment:
     """Turns the uint8 crops of a recipe into normalised, augmented float views, batched."""
 
@@ -194,22 +196,22 @@ class PhotometricAugment:
         jitter = spec.color_jitter
         ops = [(adjust_brightness, jitter.brightness, BRIGHTNESS), (adjust_contrast, jitter.contrast, CONTRAST),
                (adjust_saturation, jitter.saturation, SATURATION), (adjust_hue, jitter.hue, HUE)]
-        jittered = params[:, JITTER] > 0
-        if jitter.p > 0 and jittered.any():
-            order = params[:, ORDER].long()
-            x = x.clone()
+        steps = []  # (the images it changes, op, their parameter or None), in the order applied
+        if jitter.p > 0:
+            jittered, order = params[:, JITTER] > 0, params[:, ORDER].long()
             for slot in range(4):
-                for op_index, (op, strength, column) in enumerate(ops):
-                    chosen = jittered & (order[:, slot] == op_index)
-                    if strength > 0 and chosen.any():
-                        x[chosen] = op(x[chosen], params[chosen, column].to(x.dtype))
+                steps += [(jittered & (order[:, slot] == op_index), op, params[:, column])
+                          for op_index, (op, strength, column) in enumerate(ops) if strength > 0]
         if spec.grayscale_p > 0 and x.shape[1] == 3:
-            x = _where_images(params[:, GREY] > 0, grey(x).expand_as(x), x)
-        blurred = params[:, BLUR] > 0
-        if spec.blur_p > 0 and blurred.any():
+            steps.append((params[:, GREY] > 0, greyscale, None))
+        if spec.blur_p > 0:
             kernel_size = 2 * math.ceil(3 * spec.blur_sigma[1] * scale) + 1
-            x = x.clone()
-            x[blurred] = gaussian_blur(x[blurred], params[blurred, SIGMA].to(x.dtype) * scale, kernel_size)
+            steps.append((params[:, BLUR] > 0, partial(gaussian_blur, kernel_size=kernel_size), params[:, SIGMA] * scale))
         if spec.solarize_p > 0:
-            x = _where_images(params[:, SOLARIZE] > 0, solarize(x), x)
+            steps.append((params[:, SOLARIZE] > 0, solarize, None))
+        steps = [step for step in steps if step[0].any()]
+        if steps:
+            x = x.clone()  # the caller's images stay as they were
+        for chosen, op, values in steps:  # each op reads and writes only the images drawn for it
+            x[chosen] = op(x[chosen]) if values is None else op(x[chosen], values[chosen].to(x.dtype))
         return x
