@@ -12,9 +12,10 @@ collate, as its loop loads them. Three rates, each after a warm-up:
 
 1. loader: images/s of the training DataLoader alone, what the CPU workers do, with 0 (the main
    process), 1 and 2 workers; the 1-worker rate is the per-worker rate;
-2. device step: images/s of the batch's part on the training device: its transfer and
-   `on_after_batch_transfer`, the batched photometric augmentation, and for data.decode=device the
-   JPEG decoding and crops (lightly's batch arrives augmented: its transfer only, float32 views);
+2. device step: images/s of the batch's part on the training device: its transfer
+   (`transfer_batch_to_device`, as a run moves it) and `on_after_batch_transfer`, the batched
+   photometric augmentation, and for data.decode=device the JPEG decoding and crops (lightly's
+   batch arrives augmented: its transfer only, float32 views);
 3. training step: images/s of the recipe's model on the device (SimCLR ResNet-50, DINO ViT-S/16
    with 65,536 prototypes): forward, loss, backward (no optimizer step).
 
@@ -32,11 +33,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -123,25 +124,34 @@ def synchronize(device: torch.device) -> None:
 
 def device_rate(cfg, device: torch.device, batches: int, pipeline: str):
     """Images/s of the batch's transfer and on_after_batch_transfer on `device` (the first batch not
-    timed), and sslrun's crops (uint8, before the photometric step) to compare the two decoders with."""
+    timed); sslrun's crops (uint8, before the photometric step) to compare the two decoders with;
+    and on CUDA the host syncs of the first batch's device step (CUDA's sync debug mode)."""
     module = data_module(cfg)
     source = lightly_loader(cfg) if pipeline == LIGHTLY else module.train_dataloader()
     loaded = [batch for _, batch in zip(range(batches + 1), source)]
-    times, crops = [], []
-    for batch in loaded:
+    times, crops, syncs = [], [], None
+    for number, batch in enumerate(loaded):
         synchronize(device)
-        start = time.perf_counter()
-        batch = move_data_to_device(batch, device)
-        if pipeline != LIGHTLY:
-            if "encoded" in batch:
-                batch["views"] = module.device_crops(batch)
-            uint8_crops = batch["views"]
-            module.on_after_batch_transfer(batch, 0)
+        counting = device.type == "cuda" and number == 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if counting:
+                torch.cuda.set_sync_debug_mode("warn")
+            start = time.perf_counter()
+            batch = module.transfer_batch_to_device(batch, device, 0)
+            if pipeline != LIGHTLY:
+                if "encoded" in batch:
+                    batch["views"] = module.device_crops(batch)
+                uint8_crops = batch["views"]
+                module.on_after_batch_transfer(batch, 0)
+            if counting:
+                torch.cuda.set_sync_debug_mode("default")
+                syncs = sum("synchroniz" in str(warning.message) for warning in caught)
         synchronize(device)
         times.append(time.perf_counter() - start)
         if pipeline != LIGHTLY:
             crops.append([view.cpu() for view in uint8_crops])
-    return cfg.data.batch_size / statistics.median(times[1:]), crops
+    return cfg.data.batch_size / statistics.median(times[1:]), crops, syncs
 
 
 def step_rate(method: str, root: Path, batch: int, steps: int, device: torch.device) -> float:
@@ -185,7 +195,7 @@ def main() -> None:
         pipelines, lightly_note = ("cpu", "device", LIGHTLY), f"lightly {lightly.__version__}'s pipeline"
     except ImportError as error:  # lightly is the benchmark-only extra: `make peers`
         pipelines, lightly_note = ("cpu", "device"), f"lightly's pipeline not measured (lightly: {error})"
-    rows, agreement, load = [], [], os.getloadavg()[0]
+    rows, agreement, sync_counts, load = [], [], [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         started = time.perf_counter()
@@ -199,9 +209,12 @@ def main() -> None:
             for pipeline in pipelines:
                 decode = "cpu" if pipeline == LIGHTLY else pipeline
                 loader = [loader_rate(config(method, root, args.batch, w, decode), pipeline) for w in WORKERS]
-                on_device, crops[pipeline] = device_rate(config(method, root, args.batch, 0, decode), device, 5, pipeline)
+                on_device, crops[pipeline], syncs = device_rate(config(method, root, args.batch, 0, decode), device, 5,
+                                                                pipeline)
                 needed = 1 / (1 / on_device + 1 / step) / loader[1]
                 rows.append((recipe, pipeline, loader, on_device, model, step, needed))
+                if syncs is not None:
+                    sync_counts.append(f"{recipe}, {pipeline}: {syncs}")
                 print(f"  {pipeline}: loader {loader}, device step {on_device:.0f} images/s", flush=True)
             difference = torch.cat([(a.int() - b.int()).abs().flatten().float()
                                     for batch, other in zip(crops["cpu"], crops["device"])
@@ -233,7 +246,7 @@ def main() -> None:
   step: forward, loss, backward at batch {step_batch}, {"bf16 autocast" if device.type == "cuda" else "fp32"}, median of {args.steps} steps after one.
 - Workers per device = 1 / (1 / device step + 1 / training step) / per-worker rate (the 1-worker loader rate).
 - The crops of the two decoders (uint8, before the photometric step, same batches): {"; ".join(agreement)}.
-
+{f"- Host syncs in one batch's device step (CUDA's sync debug mode): {'; '.join(sync_counts)}.{chr(10)}" if sync_counts else ""}
 {chr(10).join(table)}
 """
     with open(args.output, "a") as f:

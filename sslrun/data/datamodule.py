@@ -374,6 +374,14 @@ class SSLDataModule(L.LightningDataModule):
         view = CenterView(self.cfg.image_size, self.cfg.eval_crop_fraction)
         return torch.stack([view(source[i][0]) for i in range(min(count, len(source)))])
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """As Lightning moves a batch, but the photometric parameters stay on the host, where the
+        augmentation chooses each op's images without waiting for the device (PhotometricAugment)."""
+        if not (isinstance(batch, dict) and "photometric" in batch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        rest = {key: value for key, value in batch.items() if key != "photometric"}
+        return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "photometric": batch["photometric"]}
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and "encoded" in batch:
             batch["views"] = self.device_crops(batch)

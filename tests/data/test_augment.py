@@ -131,6 +131,35 @@ def test_batched_augment_applies_each_images_parameters_in_its_own_order(rgb):
         assert torch.allclose(out, expected, atol=1e-5)
 
 
+def test_augment_chooses_each_ops_images_on_the_host_never_reading_the_device():
+    """Each op's images are chosen from host parameters: with the crops on the meta device, whose
+    values cannot be read, a recipe with every op still runs. A read of device values on the host
+    would raise here; on CUDA it would wait for the device (a sync, hundreds per step)."""
+    augment = A.PhotometricAugment([spec(count=1, color_jitter={"p": 1.0, "brightness": 0.4, "contrast": 0.4,
+                                                         "saturation": 0.2, "hue": 0.1}, grayscale_p=0.5,
+                                         blur_p=0.5, solarize_p=0.5)], [0.5] * 3, [0.25] * 3)
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.stack([augment.draw(generator)[0] for _ in range(8)])]
+    views = augment([torch.empty(8, 3, 16, 16, dtype=torch.uint8, device="meta")], params)
+    assert views[0].device.type == "meta" and views[0].shape == (8, 3, 16, 16)
+    assert (params[0][:, A.GREY] > 0).any() and (params[0][:, A.BLUR] > 0).any() and (params[0][:, A.SOLARIZE] > 0).any()
+
+
+def test_datamodule_keeps_the_photometric_parameters_on_the_host(tmp_path):
+    """The DataModule moves a batch as Lightning does, except its photometric parameters, which the
+    augmentation reads on the host."""
+    from sslrun.config import compose
+    from sslrun.data.datamodule import SSLDataModule
+
+    cfg = compose(["method=simclr", "data.num_workers=0", "data.batch_size=8"])
+    module = SSLDataModule(cfg.data, cfg.augmentation.views, cfg.eval, 1, 1, cfg.seed)
+    batch = next(iter(module.train_dataloader()))
+    moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert {view.device.type for view in moved["views"]} == {"meta"} and moved["index"].device.type == "meta"
+    assert all(p is q for p, q in zip(moved["photometric"], batch["photometric"]))
+    assert "photometric" in batch and moved.keys() == batch.keys()
+
+
 def test_drawn_parameters_follow_the_recipe():
     recipe = spec(count=1, blur_sigma=[0.5, 1.5],
                   color_jitter={"p": 0.8, "brightness": 0.4, "contrast": 0.2, "saturation": 0.0, "hue": 0.1})
