@@ -17,7 +17,6 @@ inputs (one channel) skip the ops that need colour.
 """
 
 import math
-from functools import partial
 from types import SimpleNamespace
 from typing import List, Optional, Sequence
 
@@ -175,7 +174,8 @@ class PhotometricAugment:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] -> float, scaled to [0, 1] and standardised."""
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        mean, std = (moment.to(x.device, non_blocking=True) for moment in (self.mean, self.std))  # no wait on CUDA
+        return (x - mean) / std
 
     def draw(self, generator: torch.Generator) -> List[torch.Tensor]:
         """One image's parameters for every crop of the recipe (and its upscaled copies')."""
@@ -196,9 +196,9 @@ class PhotometricAugment:
         times `scale`: for a copy cut at `scale` times the spec's size), solarize.
 
         Which images each op changes is decided on the host, from host parameters, and sent to the
-        device with the ops' per-image arguments in two small asynchronous copies. So the device
-        never waits for the host: a mask read on the host (`any()`, boolean indexing) would be a
-        device sync, a few hundred per step with DINO's 12 crops."""
+        device with the ops' per-image arguments in two small asynchronous copies. So the host never
+        waits for the device: a device mask read on the host (`any()`, boolean indexing) would be a
+        sync, a few hundred per step with DINO's 12 crops."""
         params = params.cpu()
         jitter = spec.color_jitter
         ops = [(adjust_brightness, jitter.brightness, BRIGHTNESS), (adjust_contrast, jitter.contrast, CONTRAST),
@@ -213,8 +213,8 @@ class PhotometricAugment:
             steps.append((params[:, GREY] > 0, greyscale, None))
         if spec.blur_p > 0:
             kernel_size = 2 * math.ceil(3 * spec.blur_sigma[1] * scale) + 1
-            blur = partial(gaussian_blur, kernel_size=kernel_size)
-            steps.append((params[:, BLUR] > 0, lambda images, sigma: blur(images, sigma * scale), SIGMA))
+            steps.append((params[:, BLUR] > 0, lambda images, sigma: gaussian_blur(images, sigma * scale, kernel_size),
+                          SIGMA))
         if spec.solarize_p > 0:
             steps.append((params[:, SOLARIZE] > 0, solarize, None))
         steps = [(mask.nonzero().flatten(), op, column) for mask, op, column in steps if mask.any()]
