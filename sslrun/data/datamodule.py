@@ -375,12 +375,15 @@ class SSLDataModule(L.LightningDataModule):
         return torch.stack([view(source[i][0]) for i in range(min(count, len(source)))])
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        """As Lightning moves a batch, but the photometric parameters stay on the host, where the
-        augmentation chooses each op's images without waiting for the device (PhotometricAugment)."""
-        if not (isinstance(batch, dict) and "photometric" in batch):
+        """As Lightning moves a batch, but what is read on the host stays there: the photometric
+        parameters (the augmentation chooses each op's images from them) and a data.decode=device
+        batch's files and crop boxes (`DeviceCrops`). Read on the device, each would make the host
+        wait for it."""
+        if not isinstance(batch, dict):
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        rest = {key: value for key, value in batch.items() if key != "photometric"}
-        return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "photometric": batch["photometric"]}
+        host = {key: batch[key] for key in ("photometric", "encoded") if key in batch}
+        rest = {key: value for key, value in batch.items() if key not in host}
+        return {**super().transfer_batch_to_device(rest, device, dataloader_idx), **host}
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and "encoded" in batch:

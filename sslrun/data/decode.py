@@ -108,7 +108,7 @@ class DeviceCrops:
                               mode="bilinear", antialias=True, align_corners=False)
                 for image, (top, left, height, width, _) in zip(images, (row[k] for row in boxes))
             ])
-            flipped = torch.tensor([row[k][4] for row in boxes], dtype=torch.bool, device=crops.device)
+            flipped = torch.tensor([row[k][4] for row in boxes], dtype=torch.bool).to(crops.device, non_blocking=True)
             crops = torch.where(flipped.view(-1, 1, 1, 1), crops.flip(-1), crops)
             views.append(crops.round_().clamp_(0, 255).to(torch.uint8))
         return views

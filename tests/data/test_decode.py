@@ -96,6 +96,19 @@ def test_device_decode_makes_the_cpu_paths_batches(tmp_path, channels):
             assert b.dtype == torch.float32 and (a - b).abs().mean() < 0.01  # normalised with std 0.5
 
 
+def test_moving_a_batch_leaves_what_the_host_reads_on_the_host(tmp_path):
+    """A data.decode=device batch moves to the device but for its files and crop boxes (read by
+    DeviceCrops on the host) and its photometric parameters (read by the augmentation): read on a
+    GPU, each would make the host wait for it."""
+    make_folder(tmp_path)
+    device_module = module(tmp_path, "device")
+    batch = next(iter(device_module.train_dataloader()))
+    moved = device_module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["index"].device.type == moved["label"].device.type == "meta"
+    assert moved["encoded"] is batch["encoded"] and moved["photometric"] is batch["photometric"]
+    assert moved.keys() == batch.keys()
+
+
 @pytest.mark.parametrize("channels", [3, 1])
 def test_grey_cmyk_and_png_files_decode_to_pils_pixels(tmp_path, channels):
     make_folder(tmp_path)
