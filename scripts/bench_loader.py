@@ -122,34 +122,50 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def device_step(module: SSLDataModule, batch, device: torch.device, pipeline: str):
+    """The batch's part on the training device, as a run does it; sslrun's uint8 crops (None for lightly)."""
+    batch = module.transfer_batch_to_device(batch, device, 0)
+    if pipeline == LIGHTLY:
+        return None
+    if "encoded" in batch:
+        batch["views"] = module.device_crops(batch)
+    crops = batch["views"]
+    module.on_after_batch_transfer(batch, 0)
+    return crops
+
+
+def host_syncs(step) -> int:
+    """How often the host waits for the GPU while `step()` runs (CUDA's sync debug mode warns each time)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
 def device_rate(cfg, device: torch.device, batches: int, pipeline: str):
-    """Images/s of the batch's transfer and on_after_batch_transfer on `device` (the first batch not
-    timed); sslrun's crops (uint8, before the photometric step) to compare the two decoders with;
-    and on CUDA the host syncs of the first batch's device step (CUDA's sync debug mode)."""
+    """Images/s of the device step (the first batch not timed); sslrun's crops (uint8, before the
+    photometric step) to compare the two decoders with; on CUDA, the host syncs of one device step."""
     module = data_module(cfg)
     source = lightly_loader(cfg) if pipeline == LIGHTLY else module.train_dataloader()
     loaded = [batch for _, batch in zip(range(batches + 1), source)]
-    times, crops, syncs = [], [], None
-    for number, batch in enumerate(loaded):
+    syncs = None
+    if device.type == "cuda":
+        try:
+            syncs = host_syncs(lambda: device_step(module, loaded[0], device, pipeline))
+        except RuntimeError as error:  # the count is an extra: the rates below still matter
+            syncs = f"not counted ({error})"
+    times, crops = [], []
+    for batch in loaded:
         synchronize(device)
-        counting = device.type == "cuda" and number == 0
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if counting:
-                torch.cuda.set_sync_debug_mode("warn")
-            start = time.perf_counter()
-            batch = module.transfer_batch_to_device(batch, device, 0)
-            if pipeline != LIGHTLY:
-                if "encoded" in batch:
-                    batch["views"] = module.device_crops(batch)
-                uint8_crops = batch["views"]
-                module.on_after_batch_transfer(batch, 0)
-            if counting:
-                torch.cuda.set_sync_debug_mode("default")
-                syncs = sum("synchroniz" in str(warning.message) for warning in caught)
+        start = time.perf_counter()
+        uint8_crops = device_step(module, batch, device, pipeline)
         synchronize(device)
         times.append(time.perf_counter() - start)
-        if pipeline != LIGHTLY:
+        if uint8_crops is not None:
             crops.append([view.cpu() for view in uint8_crops])
     return cfg.data.batch_size / statistics.median(times[1:]), crops, syncs
 
