@@ -46,9 +46,8 @@ class NonFiniteGuard(L.Callback):
         return self.unstable_since is not None
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        loss = loss.detach().float()
-        if self._loss is None or not torch.isfinite(loss):
-            self._loss = loss
+        loss = loss.detach().float()  # chosen on the device: reading it here would wait for the forward
+        self._loss = loss if self._loss is None else torch.where(torch.isfinite(loss), self._loss, loss)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         loss = self._loss if self._loss is not None else torch.zeros((), device=trainer.strategy.root_device)
