@@ -221,7 +221,7 @@ def build_callbacks(cfg: DictConfig, layout: RunDir, data: Data, method: L.Light
                                if image_text and cfg.eval.enabled and splits.heldout is not None else None),
         pictures=(Pictures(data.module, layout.pictures, every, cfg.eval.pictures)
                   if cfg.eval.pictures and is_vit(method.backbone) and has_images_to_draw else None),
-        collapse=CollapseMonitor(),
+        collapse=CollapseMonitor(cfg.trainer.log_every_n_steps),
         nonfinite=guard,
         throughput=Throughput(cfg.data.batch_size, cfg.trainer.precision,
                               OmegaConf.select(cfg, "trainer.fsdp.param_dtype")),

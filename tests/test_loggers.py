@@ -1,3 +1,5 @@
+import pytest
+
 from sslrun.tracking import wandb_key_available as _wandb_key_available
 
 
@@ -39,3 +41,53 @@ def test_csv_metrics_continue_across_a_resume(tmp_path):
     fresh.save()
     with open(tmp_path / "csv" / "metrics.csv", newline="") as file:
         assert [(r["step"], r["train/loss"]) for r in csv.DictReader(file)] == [("0", "3.0")]
+
+
+def test_the_collapse_monitor_measures_the_steps_the_logger_writes_and_each_epochs_first(tmp_path):
+    """Its SVD runs on the written steps only (plus each epoch's first, for the summary): the same rows
+    as the loss in metrics.csv, and the summary's means are those of the measured steps by hand."""
+    import csv
+
+    import lightning as L
+    import torch
+
+    from sslrun.callbacks import CollapseMonitor
+    from sslrun.eval import effective_rank, normalized_std
+    from sslrun.tracking import ResumableCSVLogger
+
+    def embedding(batch_idx):  # a spread that differs per step, so a wrong step shows in the means
+        return torch.randn(16, 8, generator=torch.Generator().manual_seed(batch_idx)) * (1 + batch_idx)
+
+    class Toy(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 8)
+
+        def training_step(self, batch, batch_idx):
+            z = self.layer(embedding(batch_idx)) + 0 * batch[0].sum()
+            loss = z.pow(2).mean()
+            self.log("train/loss", loss)
+            return {"loss": loss, "embedding": embedding(batch_idx)}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(10, 1)), batch_size=1)
+
+    every, monitor = 4, CollapseMonitor(every_n_steps=4)
+    logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    L.Trainer(max_epochs=2, callbacks=[monitor], logger=logger, log_every_n_steps=every, accelerator="cpu",
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(Toy())
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    loss_steps = [int(r["step"]) for r in rows if r["train/loss"]]
+    collapse_steps = [int(r["step"]) for r in rows if r["collapse/effective_rank"]]
+    assert loss_steps == collapse_steps == [3, 7, 11, 15, 19]
+    measured = [0, 1, 5, 9]  # the last epoch's batches: its first, and global steps 12, 16 and 20
+    summary = monitor.summary()
+    expected_std = torch.stack([normalized_std(embedding(i)) for i in measured]).mean()
+    expected_rank = torch.stack([effective_rank(embedding(i)) for i in measured]).mean()
+    assert summary["embedding_std"] == pytest.approx(expected_std.item(), rel=1e-5)
+    assert summary["effective_rank"] == pytest.approx(expected_rank.item(), rel=1e-5)
+    assert "every 4 steps" in summary["collapse_protocol"]
