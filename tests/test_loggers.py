@@ -43,9 +43,15 @@ def test_csv_metrics_continue_across_a_resume(tmp_path):
         assert [(r["step"], r["train/loss"]) for r in csv.DictReader(file)] == [("0", "3.0")]
 
 
-def test_the_collapse_monitor_measures_the_steps_the_logger_writes_and_each_epochs_first(tmp_path):
-    """Its SVD runs on the written steps only (plus each epoch's first, for the summary): the same rows
-    as the loss in metrics.csv, and the summary's means are those of the measured steps by hand."""
+@pytest.mark.parametrize("accumulate, written, measured", [
+    (1, {3, 7, 11, 15, 19}, [0, 1, 5, 9]),  # the last epoch's batches: its first, global steps 12, 16, 20
+    (2, {3, 7}, [0, 5]),  # its first, and the micro-batch that ends global step 8 (once, not twice)
+])
+def test_the_collapse_monitor_measures_the_steps_the_logger_writes_and_each_epochs_first(
+        tmp_path, accumulate, written, measured):
+    """Its SVD runs on the written optimizer steps only (plus each epoch's first, for the summary):
+    the same steps as the loss in metrics.csv, and the summary's means are those of the measured
+    batches by hand."""
     import csv
 
     import lightning as L
@@ -78,13 +84,13 @@ def test_the_collapse_monitor_measures_the_steps_the_logger_writes_and_each_epoc
     every, monitor = 4, CollapseMonitor(every_n_steps=4)
     logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
     L.Trainer(max_epochs=2, callbacks=[monitor], logger=logger, log_every_n_steps=every, accelerator="cpu",
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(Toy())
+              accumulate_grad_batches=accumulate, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(Toy())
     with open(tmp_path / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     loss_steps = [int(r["step"]) for r in rows if r["train/loss"]]
     collapse_steps = [int(r["step"]) for r in rows if r["collapse/effective_rank"]]
-    assert loss_steps == collapse_steps == [3, 7, 11, 15, 19]
-    measured = [0, 1, 5, 9]  # the last epoch's batches: its first, and global steps 12, 16 and 20
+    assert set(loss_steps) == set(collapse_steps) == written
     summary = monitor.summary()
     expected_std = torch.stack([normalized_std(embedding(i)) for i in measured]).mean()
     expected_rank = torch.stack([effective_rank(embedding(i)) for i in measured]).mean()

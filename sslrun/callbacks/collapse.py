@@ -13,14 +13,16 @@ class CollapseMonitor(L.Callback):
     times sqrt(d) (healthy: about 1) and the effective rank; keeps the last epoch's means for the
     summary. Steps with non-finite embeddings are left out.
 
-    It measures only the steps the logger writes (`every_n_steps`, the trainer's
-    `log_every_n_steps`; 0: every step) plus each epoch's first, so the summary has a number however
-    short the epoch. The rank's SVD on a [256, 2048] embedding costs a tenth of a Barlow Twins step
-    on CPU, and its values on the other steps would never be written."""
+    It measures only the optimizer steps the logger writes (`every_n_steps`, the trainer's
+    `log_every_n_steps`; 0: every step), each once however many micro-batches it accumulates, plus
+    each epoch's first, so the summary has a number however short the epoch. The rank's SVD on a
+    [256, 2048] embedding costs a tenth of a Barlow Twins step on CPU, and its values on the other
+    steps would never be written."""
 
     def __init__(self, every_n_steps: int = 0):
         self.every_n_steps = every_n_steps
         self.dim = None
+        self._measured_step = None
         self._sums = {"embedding_std": 0.0, "effective_rank": 0.0}
         self._count = 0
 
@@ -29,12 +31,14 @@ class CollapseMonitor(L.Callback):
         self._count = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._count and self.every_n_steps and trainer.global_step % self.every_n_steps:
-            return  # a step the logger does not write
+        if self._count and (trainer.global_step == self._measured_step
+                            or self.every_n_steps and trainer.global_step % self.every_n_steps):
+            return  # a step the logger does not write, or one already measured
         embedding = outputs["embedding"]
         if not torch.isfinite(embedding).all():
             return  # a step the non-finite guard skipped: nothing to measure
         self.dim = embedding.shape[1]
+        self._measured_step = trainer.global_step
         std, rank = normalized_std(embedding).item(), effective_rank(embedding).item()
         self._sums["embedding_std"] += std
         self._sums["effective_rank"] += rank
