@@ -81,7 +81,8 @@ def test_the_collapse_monitor_measures_the_steps_the_logger_writes_and_each_epoc
         def train_dataloader(self):
             return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(10, 1)), batch_size=1)
 
-    every, monitor = 4, CollapseMonitor(every_n_steps=4)
+    every = 4
+    monitor = CollapseMonitor(every_n_steps=every)
     logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
     L.Trainer(max_epochs=2, callbacks=[monitor], logger=logger, log_every_n_steps=every, accelerator="cpu",
               accumulate_grad_batches=accumulate, enable_checkpointing=False, enable_progress_bar=False,
@@ -96,4 +97,4 @@ def test_the_collapse_monitor_measures_the_steps_the_logger_writes_and_each_epoc
     expected_rank = torch.stack([effective_rank(embedding(i)) for i in measured]).mean()
     assert summary["embedding_std"] == pytest.approx(expected_std.item(), rel=1e-5)
     assert summary["effective_rank"] == pytest.approx(expected_rank.item(), rel=1e-5)
-    assert "every 4 steps" in summary["collapse_protocol"]
+    assert f"every {every} steps" in summary["collapse_protocol"]
