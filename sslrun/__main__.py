@@ -28,13 +28,14 @@ def check_overrides(overrides: List[str]) -> Optional[str]:
     from omegaconf.errors import InterpolationResolutionError
 
     from sslrun.config import ConfigError, compose
+    from sslrun.config.errors import no_such_option
 
     try:
         compose(overrides, method_schema=False)
     except MissingConfigException as error:
         group, _, option = str(error.missing_cfg_file or "").rpartition("/")
         if group and error.options is not None:
-            return f"{group}={option}: no such {group}; choose one of: {', '.join(sorted(error.options))}"
+            return no_such_option(group, option, error.options)
         return _one_line(error)
     except HydraException as error:
         return _one_line(error)

@@ -60,6 +60,7 @@ from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sslrun.config.errors import no_such_option
 from sslrun.report import _cell, _duration
 from sslrun.run_dir import RunDir
 
@@ -109,8 +110,8 @@ def compose_benchmark(overrides: Sequence[str] = ()) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))
     except MissingConfigException as error:
-        options = ", ".join(sorted(error.options or []))
-        raise BenchmarkError(f"{error.missing_cfg_file}: no such suite; choose one of: {options}") from None
+        group, _, option = str(error.missing_cfg_file or "").rpartition("/")
+        raise BenchmarkError(no_such_option(group, option, error.options or [])) from None
     except HydraException as error:
         raise BenchmarkError(" ".join(str(error).split())) from None
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

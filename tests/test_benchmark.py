@@ -371,7 +371,8 @@ def test_a_teacher_is_restored_from_records_only_with_its_student(tmp_path, suit
 
 
 @pytest.mark.parametrize("args, message", [
-    (["suite=nope"], "suite/nope: no such suite; choose one of: gpu, long, quick"),
+    (["suite=nope"], "suite=nope: no such suite; choose one of: gpu, long, quick"),
+    (["suite=lng"], "suite=lng: no such suite; did you mean 'long'? choose one of: gpu, long, quick"),
     (["methods=[simclr,nope]"], "methods: no method 'nope'; choose from simclr,"),
     (["seeds=0"], "seeds=0: give a number of seeds"),
     (["mode=go"], "mode=go: choose one of run, plan, table"),

@@ -7,7 +7,6 @@ seconds): it is merged last, so a problem anywhere else is reported within a sec
 CLI's first check leaves it out (the run validates in full before it starts any process).
 """
 
-import difflib
 import signal
 from dataclasses import fields, is_dataclass
 from typing import List, Optional, get_args
@@ -15,7 +14,7 @@ from typing import List, Optional, get_args
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
-from sslrun.config.errors import ConfigError, require
+from sslrun.config.errors import ConfigError, did_you_mean, require
 from sslrun.config.schema import GROUP_SCHEMAS, RootConfig, crop_sizes
 
 
@@ -137,11 +136,9 @@ def merge_typed(schema: type, node: DictConfig, prefix: str, label: str) -> Dict
         key = path[-1]
         parent = _schema_at(schema, [p for p in path[:-1] if not p.isdigit()])
         valid = _field_names(parent) if parent else []
-        hint = difflib.get_close_matches(key, valid, n=1)
-        did_you_mean = f"did you mean '{hint[0]}'? " if hint else ""
         owner = ".".join([label, *path[:-1]]) if path[:-1] else label
         raise ConfigError(
-            f"{prefix}{'.'.join(path)}: unknown key; {did_you_mean}valid keys in {owner}: "
+            f"{prefix}{'.'.join(path)}: unknown key; {did_you_mean(key, valid)}valid keys in {owner}: "
             f"{', '.join(valid)}"
         ) from None
     except ValidationError as e:

@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sslrun.config import ConfigError, compose, lenient, merge_typed, register_hydra_extras
-from sslrun.config.errors import require
+from sslrun.config.errors import no_such_option, require
 from sslrun.config.schema import DATASETS, BackboneConfig, Schema, require_positive
 from sslrun.run_dir import RunDir
 
@@ -171,7 +171,7 @@ def compose_app(overrides: Sequence[str] = (), run_dir: Optional[str] = None) ->
     except MissingConfigException as error:
         group, _, option = str(error.missing_cfg_file or "").rpartition("/")
         if group == "protocol":
-            raise ConfigError(f"protocol={option}: no such protocol; choose one of: {', '.join(PROTOCOLS)}") from None
+            raise ConfigError(no_such_option("protocol", option, PROTOCOLS)) from None
         raise ConfigError(" ".join(str(error).split())) from None
     except HydraException as error:
         raise ConfigError(" ".join(str(error).split())) from None

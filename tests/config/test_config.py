@@ -77,9 +77,11 @@ def error_for(*overrides) -> str:
     return problem
 
 
-def test_unknown_group_option_lists_the_choices():
+def test_unknown_group_option_suggests_the_closest_and_lists_the_choices():
     message = error_for("method=simclrr")
-    assert "method=simclrr" in message and "simclr" in message.split("choose one of:")[1]
+    assert message.startswith("method=simclrr: no such method; did you mean 'simclr'? choose one of: ")
+    assert {"simclr", "dino", "mae"} <= set(message.split("choose one of: ")[1].split(", "))
+    assert error_for("backbone=xyz").startswith("backbone=xyz: no such backbone; choose one of: resnet18, ")  # none close
 
 
 def test_misspelled_key_names_the_key_and_the_valid_ones():
