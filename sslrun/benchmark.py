@@ -60,7 +60,7 @@ from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sslrun.config.errors import no_such_option
+from sslrun.config.errors import ConfigError, did_you_mean, no_such_option, require_choice
 from sslrun.report import _cell, _duration
 from sslrun.run_dir import RunDir
 
@@ -133,8 +133,7 @@ def _check(cfg: DictConfig) -> None:
            for p in names if p not in PROTOCOLS]
     if bad:
         raise BenchmarkError(f"{bad[0][0]}: no protocol {bad[0][1]!r}; choose from {', '.join(PROTOCOLS)}")
-    if cfg.mode not in ("run", "plan", "table"):
-        raise BenchmarkError(f"mode={cfg.mode}: choose one of run, plan, table")
+    require_choice("mode", cfg.mode, ("run", "plan", "table"))
     seeds(cfg)
 
 
@@ -168,7 +167,8 @@ def selected_methods(cfg: DictConfig) -> List[str]:
         [cfg.methods] if isinstance(cfg.methods, str) else list(cfg.methods))
     for name in wanted:
         if name not in options:
-            raise BenchmarkError(f"methods: no method {name!r}; choose from {', '.join(options)}")
+            raise BenchmarkError(f"methods: no method {name!r}; {did_you_mean(name, options)}"
+                                 f"choose from {', '.join(options)}")
     chosen: List[str] = []
 
     def add(name: str, path: tuple) -> None:
@@ -819,7 +819,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stops the training process too (train)
     try:
         run_benchmark(argv)
-    except BenchmarkError as error:
+    except (BenchmarkError, ConfigError) as error:
         print(f"sslrun.benchmark: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

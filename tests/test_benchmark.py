@@ -374,8 +374,10 @@ def test_a_teacher_is_restored_from_records_only_with_its_student(tmp_path, suit
     (["suite=nope"], "suite=nope: no such suite; choose one of: gpu, long, quick"),
     (["suite=lng"], "suite=lng: no such suite; did you mean 'long'? choose one of: gpu, long, quick"),
     (["methods=[simclr,nope]"], "methods: no method 'nope'; choose from simclr,"),
+    (["methods=[simclr,vicrg]"], "methods: no method 'vicrg'; did you mean 'vicreg'? choose from simclr,"),
     (["seeds=0"], "seeds=0: give a number of seeds"),
-    (["mode=go"], "mode=go: choose one of run, plan, table"),
+    (["mode=go"], "mode=go: choose one of: run, plan, table"),
+    (["mode=plna"], "mode=plna: did you mean 'plan'? choose one of: run, plan, table"),
     (["+suite.protocols.linaer=[]"], "suite.protocols: no protocol 'linaer'"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, tmp_path, capsys):

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sslrun.config.errors import ConfigError, require
+from sslrun.config.errors import ConfigError, require, require_choice
 
 
 class Schema:
@@ -123,8 +123,8 @@ class BackboneConfig(Schema):
         b = cfg.backbone
         for key, fix in SET_BY_SSLRUN.items():
             require(key not in b.timm_kwargs, f"backbone.timm_kwargs.{key}: {fix}")
-        require(b.attention is None or b.attention in ATTENTION_BACKENDS,
-                f"backbone.attention={b.attention}: choose one of: {', '.join(ATTENTION_BACKENDS)}")
+        if b.attention is not None:
+            require_choice("backbone.attention", b.attention, ATTENTION_BACKENDS)
         patch = b.timm_kwargs.get("patch_size")
         if b.attention is not None and isinstance(patch, int):
             for i, view in enumerate(cfg.augmentation.views):
@@ -174,7 +174,7 @@ class DataConfig(Schema):
         require(0 < d.eval_crop_fraction <= 1, f"data.eval_crop_fraction={d.eval_crop_fraction}: must be in (0, 1]")
         require(d.num_workers is None or d.num_workers >= 0,
                 f"data.num_workers={d.num_workers}: must be >= 0 (or null for automatic)")
-        require(d.decode in DECODERS, f"data.decode={d.decode}: choose one of: {', '.join(DECODERS)}")
+        require_choice("data.decode", d.decode, DECODERS)
         require(d.decode == "cpu" or d.name == "imagefolder",
                 f"data.decode={d.decode}: only data=imagefolder decodes on the device (JPEG files); "
                 f"data={d.name} needs data.decode=cpu")
@@ -291,8 +291,7 @@ class OptimizerBase(Schema):
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
         o = cfg.optimizer
-        require(o.lr_scaling in LR_SCALINGS,
-                f"optimizer.lr_scaling={o.lr_scaling}: choose one of: {', '.join(LR_SCALINGS)}")
+        require_choice("optimizer.lr_scaling", o.lr_scaling, LR_SCALINGS)
         require(o.base_lr > 0, f"optimizer.base_lr={o.base_lr}: must be positive")
 
 
@@ -374,9 +373,8 @@ class TrainerConfig(Schema):
         from sslrun.config.validate import signal_number, world_size
 
         t = cfg.trainer
-        require(t.accelerator in ACCELERATORS,
-                f"trainer.accelerator={t.accelerator}: choose one of: {', '.join(ACCELERATORS)}")
-        require(t.precision in PRECISIONS, f"trainer.precision={t.precision}: choose one of: {', '.join(PRECISIONS)}")
+        require_choice("trainer.accelerator", t.accelerator, ACCELERATORS)
+        require_choice("trainer.precision", t.precision, PRECISIONS)
         require(t.devices >= 1, f"trainer.devices={t.devices}: must be at least 1")
         require(t.num_nodes >= 1, f"trainer.num_nodes={t.num_nodes}: must be at least 1")
         require(t.name != "single" or world_size(cfg) == 1,
@@ -386,15 +384,13 @@ class TrainerConfig(Schema):
                 "trainer.max_epochs / trainer.max_steps: set one of them to a positive number")
         require(t.accumulate_grad_batches >= 1,
                 f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}: must be at least 1")
-        require(t.nonfinite in NONFINITE_POLICIES,
-                f"trainer.nonfinite={t.nonfinite}: choose one of: {', '.join(NONFINITE_POLICIES)}")
+        require_choice("trainer.nonfinite", t.nonfinite, NONFINITE_POLICIES)
         require(t.max_skipped_steps >= 0, f"trainer.max_skipped_steps={t.max_skipped_steps}: must be at least 0")
         require(t.checkpoint_every_n_steps >= 1,
                 f"trainer.checkpoint_every_n_steps={t.checkpoint_every_n_steps}: must be at least 1")
         require(signal_number(t.requeue_signal) is not None,
                 f"trainer.requeue_signal={t.requeue_signal}: not a signal; e.g. USR1, USR2, TERM")
-        require(t.compile.mode in COMPILE_MODES,
-                f"trainer.compile.mode={t.compile.mode}: choose one of: {', '.join(COMPILE_MODES)}")
+        require_choice("trainer.compile.mode", t.compile.mode, COMPILE_MODES)
         if t.compile.enabled:
             import torch._dynamo
 

@@ -88,7 +88,8 @@ def _schema_for(group: str, node, options: dict) -> type:
         return options[None]
     name = node.get("name")
     if name not in options:
-        raise ConfigError(f"{group}.name: unknown {group} {name!r}; choose one of: {', '.join(options)}")
+        raise ConfigError(f"{group}.name: unknown {group} {name!r}; {did_you_mean(str(name), options)}"
+                          f"choose one of: {', '.join(options)}")
     return options[name]
 
 

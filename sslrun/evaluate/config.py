@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sslrun.config import ConfigError, compose, lenient, merge_typed, register_hydra_extras
-from sslrun.config.errors import no_such_option, require
+from sslrun.config.errors import no_such_option, require, require_choice
 from sslrun.config.schema import DATASETS, BackboneConfig, Schema, require_positive
 from sslrun.run_dir import RunDir
 
@@ -45,7 +45,7 @@ class KNNProtocol(Schema):
         require(p.report_k in p.k, f"protocol.report_k={p.report_k}: must be one of protocol.k={list(p.k)}")
         require(p.bank_size is None or p.bank_size > 0, f"protocol.bank_size={p.bank_size}: positive, or null")
         for baseline in p.baselines:
-            require(baseline in BASELINES, f"protocol.baselines: {baseline!r}; choose from: {', '.join(BASELINES)}")
+            require_choice("protocol.baselines", baseline, BASELINES)
 
 
 @dataclass
@@ -138,7 +138,7 @@ class EvaluateConfig(Schema):
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
         require_positive(cfg, "", "devices", "batch_size")
-        require(cfg.accelerator in ACCELERATORS, f"accelerator={cfg.accelerator}: choose one of: {', '.join(ACCELERATORS)}")
+        require_choice("accelerator", cfg.accelerator, ACCELERATORS)
         require(cfg.num_workers is None or cfg.num_workers >= 0, f"num_workers={cfg.num_workers}: at least 0, or null")
 
 
@@ -184,7 +184,7 @@ def validate_app(cfg: DictConfig) -> DictConfig:
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     typed = merge_typed(EvaluateConfig, cfg, prefix="", label="the top level")
     name = cfg.protocol.get("name")
-    require(name in PROTOCOL_SCHEMAS, f"protocol.name={name}: choose one of: {', '.join(PROTOCOL_SCHEMAS)}")
+    require_choice("protocol.name", name, PROTOCOL_SCHEMAS)
     typed.protocol = merge_typed(PROTOCOL_SCHEMAS[name], cfg.protocol, prefix="protocol.", label=f"protocol ({name})")
     missing = sorted(OmegaConf.missing_keys(typed))
     if "run_dir" in missing:

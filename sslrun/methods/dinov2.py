@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 
-from sslrun.config.errors import require
+from sslrun.config.errors import require, require_choice
 from sslrun.config.schema import DINOHeadSpec
 from sslrun.data.masking import batch_masks
 from sslrun.data.transforms import Upscaled
@@ -61,7 +61,7 @@ class DINOv2Config(DINOConfig):
     def check(cls, cfg):
         super().check(cfg)
         m = cfg.method
-        require(m.centering in CENTERINGS, f"method.centering={m.centering}: choose one of: {', '.join(CENTERINGS)}")
+        require_choice("method.centering", m.centering, CENTERINGS)
         require(len(m.ibot.mask_ratio) == 2 and 0 < m.ibot.mask_ratio[0] <= m.ibot.mask_ratio[1] < 1,
                 f"method.ibot.mask_ratio={list(m.ibot.mask_ratio)}: need [low, high] with 0 < low <= high < 1")
         require(0 < m.ibot.mask_probability <= 1,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from sslrun.config.schema import ATTENTION_BACKENDS as BACKENDS
 from sslrun.config import ConfigError
+from sslrun.config.errors import require_choice
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +251,7 @@ class BlockDiagonalAttention:
     """The chosen backend, resolved on first use (when the device is known) and then fixed."""
 
     def __init__(self, name: str):
-        if name not in BACKENDS:
-            raise ConfigError(f"backbone.attention={name}: choose one of: {', '.join(BACKENDS)}")
+        require_choice("backbone.attention", name, BACKENDS)
         self.requested = name
         self.name = None  # set by resolve()
 

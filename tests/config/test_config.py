@@ -90,6 +90,31 @@ def test_misspelled_key_names_the_key_and_the_valid_ones():
     assert "did you mean 'base_lr'" in message and "momentum" in message
 
 
+PRECISIONS = ["32-true", "bf16-mixed", "16-mixed", "bf16-true"]
+
+
+@pytest.mark.parametrize("word, choices, hint", [
+    ("momentun", ["name", "momentum", "base_lr"], "momentum"),  # a typo
+    ("kk", ["name", "k", "report_k"], "k"),
+    ("sinkhorn", ["sinkhorn_knopp", "center"], "sinkhorn_knopp"),  # the one choice it begins
+    ("temp", ["name", "temperature"], "temperature"),
+    ("bf16", PRECISIONS, None),  # begins two: either could be meant
+    ("moco", ["mocov2", "mocov3", "mocov3_vit"], None),
+    ("gpu", ["cpu", "device"], None),  # one letter from cpu, but not a typo of it
+    ("lr", ["base_lr", "lr_scaling"], None),  # too short to stand for lr_scaling
+    ("16", PRECISIONS, None),
+])
+def test_a_hint_only_where_one_choice_is_meant(word, choices, hint):
+    from sslrun.config.errors import did_you_mean
+
+    assert did_you_mean(word, choices) == (f"did you mean '{hint}'? " if hint else "")
+
+
+def test_a_value_outside_its_choices_names_the_closest_and_all():
+    assert error_for("trainer.nonfinite=skp") == "trainer.nonfinite=skp: did you mean 'skip'? choose one of: stop, skip"
+    assert error_for("trainer.precision=bf16") == f"trainer.precision=bf16: choose one of: {', '.join(PRECISIONS)}"
+
+
 def test_key_valid_for_another_option_is_rejected():
     message = error_for("optimizer=adamw", "optimizer.trust_coefficient=0.01")
     assert "optimizer.trust_coefficient" in message and "optimizer (adamw)" in message and "betas" in message
@@ -200,7 +225,7 @@ def test_probability_out_of_range():
 
 def test_unknown_method_name_in_a_user_file():
     cfg = compose_cfg("++method.name=dino2")
-    with pytest.raises(ConfigError, match="method.name: unknown method 'dino2'; choose one of: .*simclr"):
+    with pytest.raises(ConfigError, match="method.name: unknown method 'dino2'; did you mean 'dinov2'\\? choose one of: .*simclr"):
         validate(cfg)
 
 

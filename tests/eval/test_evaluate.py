@@ -249,6 +249,15 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, toy_run):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unknown_baseline_names_the_closest_and_all():
+    from sslrun.config import ConfigError
+    from sslrun.evaluate.config import compose_app
+
+    with pytest.raises(ConfigError, match=r"^protocol.baselines=pixel: did you mean 'pixels'\? choose one of: "
+                                          r"pixels, random_init$"):
+        compose_app(["protocol.baselines=[random_init,pixel]"], run_dir="RUN_DIR")
+
+
 def test_cli_evaluates_a_run_and_leaves_its_training_files_alone(toy_run):
     config = RunDir(toy_run).config.read_text()
     process = _cli(toy_run, "protocol=knn", "protocol.k=[1,5]", "protocol.report_k=5", *FAST)
