@@ -1,14 +1,15 @@
 """The README's commands work as shown.
 
 Every `python -m sslrun...` of the README, in its code blocks and its inline code (training runs and
-sweeps, `sslrun.evaluate`, `sslrun.benchmark`), is split as the shell splits it and put through the
-checks its app makes before anything starts: Hydra's composition, the typed schemas, each method's
-own check, the evaluation's source checks, the benchmark's plan; every job of a sweep. (The two
-checks made inside the running Hydra app, torchrun's shared run directory and a local sweep of
-several processes, are tested in tests/distributed/test_scale_out.py and tests/config/test_config.py.)
-Under a console example, the `sslrun: error:` line must be what the command prints (`... error:`:
-what the run logs when it builds its data). So a renamed key, a removed option or a reworded error
-fails here rather than for the user who copies the command. Nothing is trained.
+sweeps, `sslrun.evaluate`, `sslrun.benchmark`; and `make train|benchmark ARGS=...`), is split as the
+shell splits it and put through the checks its app makes before anything starts: Hydra's
+composition, the typed schemas, each method's own check, the evaluation's source checks, the
+benchmark's plan; every job of a sweep. (The two checks made inside the running Hydra app,
+torchrun's shared run directory and a local sweep of several processes, are tested in
+tests/distributed/test_scale_out.py and tests/config/test_config.py.) Under a console example, the
+`sslrun: error:` line must be what the command prints (`... error:`: what the run logs when it
+builds its data). So a renamed key, a removed option or a reworded error fails here rather than
+for the user who copies the command. Nothing is trained.
 
 What a command needs on disk is made in a scratch directory it runs in: RUN_DIR is a finished run,
 a `method.teacher_run` a finished DINOv2 run matching the student (as the README's preceding command
@@ -28,6 +29,7 @@ from tests.conftest import REPO, write_finished_run
 
 PLACEHOLDER = re.compile(r"\bNAME\b|<[a-z ]+>|\||/path/to/")  # method=NAME, multirun/<date>, clip|siglip (and "...")
 APPS = ("sslrun", "sslrun.evaluate", "sslrun.benchmark")  # sslrun.report reads finished runs only
+MAKE_TARGETS = {"train": "sslrun", "benchmark": "sslrun.benchmark"}  # make TARGET ARGS="...": the app's arguments
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Command:
 
 def _split(text: str, line: int, error: Optional[str] = None, logged: bool = False) -> Optional[Command]:
     words = shlex.split(text, comments=True)
+    if words[:1] == ["make"] and len(words) == 3 and words[1] in MAKE_TARGETS and words[2].startswith("ARGS="):
+        return Command(line, MAKE_TARGETS[words[1]], shlex.split(words[2].removeprefix("ARGS=")))
     starts = [i for i in range(len(words) - 1) if words[i] == "-m" and words[i + 1].startswith("sslrun")]
     return Command(line, words[starts[0] + 1], words[starts[0] + 2:], error, logged) if starts else None
 
@@ -59,10 +63,11 @@ def readme_commands() -> List[Command]:
                 text = text[:-1] + " " + lines[index].strip()
             shown = lines[index + 1].strip() if index + 1 < len(lines) else ""  # under a console example
             error = shown.partition("error: ")[2] if text.startswith("$ ") and " error: " in f" {shown}" else None
-            if "-m sslrun" in text:
+            if "-m sslrun" in text or re.match(r"make \S+ ARGS=", text):
                 found.append(_split(text.removeprefix("$ "), number, error, logged=shown.startswith("...")))
         else:  # inline code with arguments (a bare `python -m sslrun.evaluate` names the app)
-            found += [_split(code, number) for code in re.findall(r"`([^`]*-m sslrun\S* [^`]+)`", text)]
+            codes = re.findall(r"`([^`]*-m sslrun\S* [^`]+|make \S+ ARGS=[^`]+)`", text)
+            found += [_split(code, number) for code in codes]
         index += 1
     return [c for c in found
             if c and c.app in APPS and not PLACEHOLDER.search(" ".join(c.args)) and "..." not in c.args]
