@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sslrun.config.errors import ConfigError, require, require_choice
+from sslrun.config.errors import ConfigError, did_you_mean, require, require_choice
 
 
 class Schema:
@@ -396,7 +396,8 @@ class TrainerConfig(Schema):
 
             backends = torch._dynamo.list_backends(exclude_tags=())
             require(t.compile.backend in backends, f"trainer.compile.backend={t.compile.backend}: not a torch.compile "
-                                                   f"backend here; choose one of: {', '.join(backends)}")
+                                                   f"backend here; {did_you_mean(t.compile.backend, backends)}"
+                                                   f"choose one of: {', '.join(backends)}")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sslrun.config import ConfigError, compose, lenient, merge_typed, register_hydra_extras
-from sslrun.config.errors import no_such_option, require, require_choice
+from sslrun.config.errors import did_you_mean, no_such_option, require, require_choice
 from sslrun.config.schema import DATASETS, BackboneConfig, Schema, require_positive
 from sslrun.run_dir import RunDir
 
@@ -252,7 +252,8 @@ def source_config(cfg: DictConfig, training_overrides: Sequence[str] = (),
     elif training_overrides:
         node.data = OmegaConf.merge(node.data, OmegaConf.from_dotlist([o.lstrip("+") for o in training_overrides]).data)
     name = node.data.get("name")
-    require(name in DATASETS, f"data.name={name}: unknown data set; choose one of: {', '.join(DATASETS)}")
+    require(name in DATASETS, f"data.name={name}: unknown data set; {did_you_mean(str(name), DATASETS)}"
+                              f"choose one of: {', '.join(DATASETS)}")
     return OmegaConf.create({
         "backbone": merge_typed(BackboneConfig, node.backbone, prefix="backbone.", label="backbone"),
         "data": merge_typed(DATASETS[name], node.data, prefix="data.", label=f"data ({name})"),

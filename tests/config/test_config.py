@@ -145,7 +145,8 @@ def test_compile_options_are_checked():
     assert error_for("trainer.compile.mode=fast").startswith(
         "trainer.compile.mode=fast: choose one of: default, reduce-overhead, max-autotune")
     message = error_for("trainer.compile.enabled=true", "trainer.compile.backend=inductr")
-    assert message.startswith("trainer.compile.backend=inductr: not a torch.compile backend") and "aot_eager" in message
+    assert message.startswith("trainer.compile.backend=inductr: not a torch.compile backend here; "
+                              "did you mean 'inductor'? choose one of: ") and "aot_eager" in message
     assert check_overrides(["trainer.compile.enabled=true", "trainer.compile.backend=aot_eager"]) is None
 
 
