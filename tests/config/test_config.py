@@ -226,7 +226,8 @@ def test_probability_out_of_range():
 
 def test_unknown_method_name_in_a_user_file():
     cfg = compose_cfg("++method.name=dino2")
-    with pytest.raises(ConfigError, match="method.name: unknown method 'dino2'; did you mean 'dinov2'\\? choose one of: .*simclr"):
+    with pytest.raises(ConfigError,
+                       match="method.name: unknown method 'dino2'; did you mean 'dinov2'\\? choose one of: .*simclr"):
         validate(cfg)
 
 

@@ -238,8 +238,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, toy_run):
         "no backbone.safetensors and no summary.json: the run is still going or was killed": _cli(running),
         "protocol.kk: unknown key; did you mean 'k'?": _cli(toy_run, "protocol.kk=20"),
         "the run ended with status diverged (non-finite loss at step 7)": _cli(failed),
-        "protocol=lineer: no such protocol; did you mean 'linear'? choose one of: finetune, knn, linear, stats": _cli(toy_run,
-                                                                                              "protocol=lineer"),
+        "protocol=lineer: no such protocol; did you mean 'linear'? choose one of: finetune, knn, linear, stats":
+            _cli(toy_run, "protocol=lineer"),
         "give the backbone it was trained as": _cli(tmp_path / "out", f"weights={RunDir(toy_run).backbone}"),
     }
     for expected, result in cases.items():
