@@ -258,6 +258,14 @@ def test_an_unknown_baseline_names_the_closest_and_all():
         compose_app(["protocol.baselines=[random_init,pixel]"], run_dir="RUN_DIR")
 
 
+def test_an_unknown_data_set_for_a_run_names_the_closest_and_all(toy_run):
+    from sslrun.evaluate.config import compose_app, source_config
+
+    with pytest.raises(ConfigError, match=r"^data.name=imagefoldr: unknown data set; did you mean 'imagefolder'\? "
+                                          r"choose one of: .*fashion_mnist"):
+        source_config(compose_app([], run_dir=toy_run), ["data.name=imagefoldr"])
+
+
 def test_cli_evaluates_a_run_and_leaves_its_training_files_alone(toy_run):
     config = RunDir(toy_run).config.read_text()
     process = _cli(toy_run, "protocol=knn", "protocol.k=[1,5]", "protocol.report_k=5", *FAST)
