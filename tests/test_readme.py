@@ -123,13 +123,12 @@ def check_training(command: Command) -> Optional[str]:
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(command.args)
-    problems = []
     for job in jobs(args.overrides) if args.multirun else [args.overrides]:
         make_teachers(job)
-        problems.append(training_problem(job))
-        if command.logged and problems[-1] is None:
-            problems[-1] = logged_data_problem(job)
-    return next((p for p in problems if p), None)
+        problem = training_problem(job) or (logged_data_problem(job) if command.logged else None)
+        if problem:
+            return problem
+    return None
 
 
 def logged_data_problem(overrides: List[str]) -> Optional[str]:
@@ -149,8 +148,7 @@ def check_evaluation(command: Command) -> Optional[str]:
     from sslrun.evaluate.__main__ import check, parse
 
     _, run_dir, own, training = parse(command.args)
-    problems = [check(run_dir, job, training) for job in jobs(own)]
-    return next((p for p in problems if p), None)
+    return next((p for p in (check(run_dir, job, training) for job in jobs(own)) if p), None)
 
 
 def check_benchmark(command: Command, capsys) -> Optional[str]:
