@@ -14,12 +14,12 @@ class CollapseMonitor(L.Callback):
     summary. Steps with non-finite embeddings are left out.
 
     It measures only the optimizer steps the logger writes (`every_n_steps`, the trainer's
-    `log_every_n_steps`; 0: every step), each once however many micro-batches it accumulates, plus
+    `log_every_n_steps`, at least 1), each once however many micro-batches it accumulates, plus
     each epoch's first, so the summary has a number however short the epoch. The rank's SVD on a
     [256, 2048] embedding costs about 8 % of a Barlow Twins step on CPU, and its values on the other
     steps would never be written."""
 
-    def __init__(self, every_n_steps: int = 0):
+    def __init__(self, every_n_steps: int = 1):
         self.every_n_steps = every_n_steps
         self.dim = None
         self._measured_step = None
@@ -32,7 +32,7 @@ class CollapseMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._count and (trainer.global_step == self._measured_step
-                            or self.every_n_steps and trainer.global_step % self.every_n_steps):
+                            or trainer.global_step % self.every_n_steps):
             return  # a step the logger does not write, or one already measured
         embedding = outputs["embedding"]
         if not torch.isfinite(embedding).all():
@@ -52,5 +52,5 @@ class CollapseMonitor(L.Callback):
         means = {k: v / self._count for k, v in self._sums.items()}
         return {**means, "embedding_std_healthy": 1 / math.sqrt(self.dim), "embedding_dim": self.dim,
                 "collapse_protocol": (f"last epoch's mean over its first step and every {self.every_n_steps} steps"
-                                      if self.every_n_steps else "last epoch's mean over steps")
+                                      if self.every_n_steps > 1 else "last epoch's mean over steps")
                                      + ", process 0's batch, first view"}

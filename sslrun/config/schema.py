@@ -386,6 +386,8 @@ class TrainerConfig(Schema):
                 f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}: must be at least 1")
         require_choice("trainer.nonfinite", t.nonfinite, NONFINITE_POLICIES)
         require(t.max_skipped_steps >= 0, f"trainer.max_skipped_steps={t.max_skipped_steps}: must be at least 0")
+        require(t.log_every_n_steps >= 1,
+                f"trainer.log_every_n_steps={t.log_every_n_steps}: must be at least 1 (1: every step)")
         require(t.checkpoint_every_n_steps >= 1,
                 f"trainer.checkpoint_every_n_steps={t.checkpoint_every_n_steps}: must be at least 1")
         require(signal_number(t.requeue_signal) is not None,

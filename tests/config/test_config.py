@@ -130,6 +130,11 @@ def test_batch_that_does_not_divide_by_processes():
     assert "data.batch_size=256" in message and "3 processes" in message and "255" in message
 
 
+def test_logging_every_zero_steps_is_refused():
+    # Lightning writes nothing at 0 while the monitors would measure every step: one meaning, refused early
+    assert error_for("trainer.log_every_n_steps=0") == "trainer.log_every_n_steps=0: must be at least 1 (1: every step)"
+
+
 def test_several_devices_need_ddp():
     assert "trainer=ddp or trainer=fsdp" in error_for("trainer.devices=2")
 
