@@ -211,6 +211,16 @@ class LightlyMethod:
         self.modules = torch.nn.ModuleList(trained)
         self.frozen = torch.nn.ModuleList([twin for _, twin in self.momentum_pairs])
 
+    def to(self, device) -> "LightlyMethod":
+        """Every module of the method on `device`: the trained ones, their EMA copies and the
+        losses' buffers (DINO's centre, the memory banks)."""
+        import torch
+
+        for value in vars(self).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+        return self
+
     def update_momentum(self, step: int) -> None:
         from lightly.models.utils import update_momentum
         from lightly.utils.scheduler import cosine_schedule
@@ -332,8 +342,40 @@ def build_optimizer(cfg, groups):
     raise SystemExit(f"optimizer.name={o.name}: not mapped to a lightly run")
 
 
+def loop_device(cfg):
+    """The device and the autocast context of the lightly loop, from sslrun's trainer.accelerator
+    and trainer.precision: the same device and the same matmul dtype as the sslrun side. The loop
+    runs on one device, eager; other precisions and compile are sslrun's alone."""
+    import contextlib
+
+    import torch
+
+    from sslrun.distributed.compile import on_cuda
+
+    t = cfg.trainer
+    if t.compile.enabled or t.precision not in ("32-true", "bf16-mixed") or t.devices != 1 or t.num_nodes != 1:
+        raise SystemExit(f"trainer.compile.enabled={t.compile.enabled} trainer.precision={t.precision} "
+                         f"trainer.devices={t.devices} trainer.num_nodes={t.num_nodes}: the lightly loop runs "
+                         f"eager on one device in 32-true or bf16-mixed; set those for both sides")
+    if t.accelerator == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("trainer.accelerator=gpu: no CUDA device is visible here; use trainer.accelerator=cpu")
+    device = torch.device("cuda" if on_cuda(t.accelerator) else "cpu")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16-mixed"
+                else contextlib.nullcontext())
+    return device, autocast
+
+
+def _to(value, device):
+    """A batch (tensors in lists and tuples: views, I-JEPA's mask indices) on `device`."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(item, device) for item in value)
+    return value.to(device, non_blocking=True)
+
+
 def train_lightly(cfg, run_dir: Path) -> None:
-    """The lightly loop, then the run directory sslrun.evaluate reads."""
+    """The lightly loop, then the run directory sslrun.evaluate reads. On CUDA it takes the sslrun
+    side's model settings too (trainer.tf32, trainer.channels_last), so that the two differ in the
+    data path and the loop, not in the model's kernels."""
     import lightning as L
     import torch
     from lightly.utils.scheduler import cosine_schedule, cosine_warmup_schedule
@@ -342,17 +384,23 @@ def train_lightly(cfg, run_dir: Path) -> None:
 
     from sslrun.data.datamodule import default_num_workers
     from sslrun.data.datasets import build_splits
+    from sslrun.distributed.compile import set_tf32, use_channels_last
     from sslrun.launch.threads import cpu_threads
     from sslrun.models.backbones import build_backbone
     from sslrun.train import lr_schedule
 
     L.seed_everything(cfg.seed)
     cpu_threads(1)  # as sslrun sets them for one process
+    device, autocast = loop_device(cfg)
     splits = build_splits(cfg.data)
     schedule, steps_per_epoch = lr_schedule(cfg, len(splits.train))
     total = schedule.total_steps
     backbone = build_backbone(cfg.backbone, cfg.data.channels)
-    method = LightlyMethod(cfg, backbone, total, steps_per_epoch)
+    method = LightlyMethod(cfg, backbone, total, steps_per_epoch).to(device)
+    if device.type == "cuda":
+        set_tf32(cfg.trainer.tf32)
+        if cfg.trainer.channels_last:
+            use_channels_last(torch.nn.ModuleList([method.modules, method.frozen]))
     groups = parameter_groups(cfg, method, schedule.peak)
     optimizer = build_optimizer(cfg, groups)
     transform = lightly_views(cfg)
@@ -360,7 +408,7 @@ def train_lightly(cfg, run_dir: Path) -> None:
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_num_workers(1)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
                                          num_workers=workers, persistent_workers=workers > 0,
-                                         collate_fn=method.collate)
+                                         pin_memory=device.type == "cuda", collate_fn=method.collate)
     method.modules.train()
     timed_images, timed_seconds, step, losses = 0, 0.0, 0, []
     started = time.time()
@@ -375,7 +423,8 @@ def train_lightly(cfg, run_dir: Path) -> None:
                     group["weight_decay"] = cosine_schedule(step, total, cfg.optimizer.weight_decay,
                                                             cfg.optimizer.final_weight_decay)
             method.update_momentum(step)
-            loss = method.loss(views, step)
+            with autocast:
+                loss = method.loss(_to(views, device), step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.trainer.gradient_clip_val:
@@ -453,8 +502,9 @@ def completed(run_dir: Path) -> bool:
     return _read(run_dir / "summary.json").get("status") == "completed"
 
 
-def run_side(side: str, method: str, seed: int, steps, root: Path, extra=()) -> bool:
-    """Train one side (unless it completed before); whether it completed. Output: peers.out."""
+def run_side(side: str, method: str, seed: int, steps, root: Path, extra=(), timeout=None) -> bool:
+    """Train one side (unless it completed before); whether it completed. Output: peers.out. A
+    side still running after `timeout` seconds is stopped and counts as failed."""
     run_dir = root / method / f"{side}_seed{seed}"
     if completed(run_dir):
         return True
@@ -464,7 +514,10 @@ def run_side(side: str, method: str, seed: int, steps, root: Path, extra=()) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"{method} seed {seed}: {side}: {' '.join(command[1:])}", flush=True)
     with open(run_dir / "peers.out", "w") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        try:
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = f"none: stopped after {timeout:.0f} s"
     if code or not completed(run_dir):
         print(f"{method} seed {seed}: {side} failed (exit code {code}); see {run_dir / 'peers.out'}", flush=True)
     return completed(run_dir)

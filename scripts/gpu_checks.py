@@ -49,7 +49,11 @@ interrupted run still leaves what it measured):
    Then `scripts/bench_loader.py --device cuda --images 192` (its markdown kept) if the budget allows,
    with lightly's per-image pipeline beside sslrun's where lightly imports: lightly is pure Python,
    so a device without it takes this checkout's copy (the device tool's carry of
-   `.venv/lib/python3.11/site-packages/lightly`, that folder on PYTHONPATH).
+   `.venv/lib/python3.11/site-packages/lightly`, that folder on PYTHONPATH). Last, where lightly
+   imports and the budget allows, SimCLR ResNet-50 end to end at batch 128 for 30 steps:
+   `python -m sslrun` against `scripts/bench_peers.py`'s lightly loop (the issue's "lightly-style
+   per-image pipeline at equal batch"; goal 1.2x), then sslrun with `data.decode=device`, on a
+   generated folder of JPEGs, images/s from each run's summary.json.
 
 Legs run in the order `--only` names them (default 1,2,3,6,7,4,5).
 
@@ -677,10 +681,75 @@ def _speed_method(device, budget, overrides: list, batch: int, variants: dict, w
     return result
 
 
-def leg_speed(device, smoke: bool, budget, out: Path) -> dict:
+def _jpeg(job) -> None:
+    import numpy as np
+    from bench_loader import photo
+
+    path, seed = job
+    rng = np.random.default_rng(seed)
+    photo(int(rng.integers(300, 501)), int(rng.integers(300, 501)), rng).save(path, quality=90)
+
+
+def _against_lightly(device, smoke: bool, budget, work: Path) -> dict:
+    """SimCLR ResNet-50 end to end against a lightly-style per-image pipeline at equal batch:
+    `python -m sslrun` and `scripts/bench_peers.py`'s lightly loop (lightly's transforms, head and
+    loss in a plain loop, PIL decoding in the workers) from one composed config: bf16 autocast,
+    8 loader workers each, on a folder of bench_loader's photo-like JPEGs (300-500 px) holding one
+    epoch of steps, so neither side's timing crosses an epoch. sslrun, then lightly, then sslrun
+    with data.decode=device where the budget allows; images/s from each run's summary.json (the
+    same measure on both sides: steps 6 on, data loading included)."""
+    from multiprocessing import Pool
+
+    import bench_peers
+
+    try:
+        import lightly.loss  # noqa: F401 - what the lightly loop needs
+    except Exception as error:  # noqa: BLE001 - an extension that fails to load raises others too
+        return {"skipped": f"lightly does not import: {last_line(error)}"}
+    batch, steps, workers = (4, 8, 0) if smoke else (128, 30, 8)
+    data, root = work / "jpegs", work / "peers"
+    for folder in (data, root):
+        shutil.rmtree(folder, ignore_errors=True)
+    jobs = [(data / "train" / f"class{i % 8}" / f"{i}.jpg", i) for i in range(batch * (steps + 1))]
+    for folder in {path.parent for path, _ in jobs}:
+        folder.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with Pool(min(16, os.cpu_count() or 1)) as pool:
+        pool.map(_jpeg, jobs, chunksize=8)
+    extra = ["recipe=imagenet", "trainer=single", "trainer.devices=1", f"data.root={data}", f"data.batch_size={batch}",
+             f"data.num_workers={workers}", f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"]
+    extra += ["backbone=resnet18", "data.image_size=32"] if smoke else ["backbone=resnet50", "data.image_size=224"]
+    result = {"images": len(jobs), "folder_s": time.time() - start, "batch": batch, "steps": steps,
+              "overrides": " ".join(["method=simclr", *bench_peers.COMMON, *(a for a in extra if "data.root" not in a)]),
+              "rows": []}
+    say(f"speed: against lightly: {len(jobs)} JPEGs in {result['folder_s']:.1f}s; {result['overrides']}")
+    for name, side, more in (("sslrun", "sslrun", []), ("lightly", "lightly", []),
+                             ("sslrun, data.decode=device", "sslrun", ["data.decode=device"])):
+        row = {"run": name}
+        if name != "sslrun" and budget.left() < 45:
+            row["skipped"] = "time budget spent"
+        else:
+            start, where = time.time(), root / name.split(",")[0] / ("device" if more else "")
+            bench_peers.run_side(side, "simclr", 0, steps, where, [*extra, *more], timeout=max(60, min(240, budget.left())))
+            run_dir = where / "simclr" / f"{side}_seed0"
+            summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+            row.update({key: summary.get(key) for key in ("status", "global_step", "images_per_sec", "mfu",
+                                                           "tflops_per_sec", "wall_time_sec")}, wall_s=time.time() - start)
+            if summary.get("status") != "completed":
+                row["log_tail"] = (run_dir / "peers.out").read_text()[-3000:]
+        result["rows"].append(row)
+        say(f"speed: against lightly: {({k: v for k, v in row.items() if k != 'log_tail'})}")
+    rates = {row["run"]: row.get("images_per_sec") for row in result["rows"]}
+    if rates.get("sslrun") and rates.get("lightly"):
+        result["sslrun_over_lightly"] = rates["sslrun"] / rates["lightly"]
+    return result
+
+
+def leg_speed(device, smoke: bool, budget, out: Path, work: Path) -> dict:
     """The issue "Speed on GPUs": DINO ViT-S/16's packed multi-crop step, eager and regionally
     compiled (MFU against the device's dense bf16 peak; goal 40 %); SimCLR ResNet-50's step, eager,
-    compiled and channels-last (images/s); and `scripts/bench_loader.py` on this device."""
+    compiled and channels-last (images/s); `scripts/bench_loader.py` on this device; and SimCLR
+    end to end against lightly's per-image pipeline (`_against_lightly`; goal 1.2x)."""
     from sslrun.distributed.compile import compile_method, use_channels_last
 
     compiled = {"eager": None, "compiled": compile_method}
@@ -733,6 +802,13 @@ def leg_speed(device, smoke: bool, budget, out: Path) -> dict:
                 loader["log_tail"] = log_path.read_text()[-3000:]
             say(f"speed: bench_loader: rc {loader['returncode']}, {loader['wall_s']:.0f}s")
     result["bench_loader"] = loader
+    peers = {}
+    if budget.left() < 120:
+        peers["skipped"] = "time budget spent"
+    else:
+        with recording_errors(peers):
+            peers.update(_against_lightly(device, smoke, budget, work))
+    result["against_lightly"] = peers
     return result
 
 
@@ -897,6 +973,20 @@ def markdown(results: dict) -> str:
         elif loader:
             lines += [f"- bench_loader: {loader.get('skipped') or loader.get('error') or 'rc ' + str(loader.get('returncode'))}",
                       ""]
+        peers = sp.get("against_lightly", {})
+        if peers.get("rows"):
+            lines += [f"### SimCLR end to end against lightly's per-image pipeline (batch {peers['batch']}, "
+                      f"{peers['steps']} steps, {peers['images']} JPEGs)", "",
+                      "| run | status | images/s | TFLOP/s | MFU | run wall s |", "| --- | --- | --- | --- | --- | --- |"]
+            for r in peers["rows"]:
+                mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "n/a"
+                lines.append(f"| {r['run']} | {r.get('skipped') or r.get('status') or 'failed'} | "
+                             f"{_fmt(r.get('images_per_sec'), 1)} | {_fmt(r.get('tflops_per_sec'), 1)} | {mfu} | "
+                             f"{_fmt(r.get('wall_s'), 0)} |")
+            lines += ["", f"- sslrun / lightly: {_fmt(peers.get('sslrun_over_lightly'), 2)} (goal 1.2); "
+                          f"`{peers['overrides']}`", ""]
+        elif peers:
+            lines += [f"- against lightly: {peers.get('skipped') or peers.get('error')}", ""]
     if results.get("errors"):
         lines += ["## Errors", ""] + [f"- {e}" for e in results["errors"]] + [""]
     lines.append(f"Total time: {results.get('total_s', 0):.0f} s")
@@ -954,7 +1044,7 @@ def main() -> None:
             (4, "fsdp", lambda: leg_fsdp(device, smoke, budget, out, work)),
             (5, "flex_drop_path", lambda: leg_flex_drop_path(device, smoke, budget, args.flex_batch, 6)),
             (6, "block_mask", lambda: leg_block_mask(device, smoke, budget, args.ckpt_batch)),
-            (7, "speed", lambda: leg_speed(device, smoke, budget, out))]
+            (7, "speed", lambda: leg_speed(device, smoke, budget, out, work))]
     plan = sorted((p for p in plan if p[0] in legs), key=lambda p: legs.index(p[0]))
     for number, name, leg in plan:
         say(f"leg {number}: {name}")

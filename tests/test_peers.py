@@ -257,6 +257,42 @@ def test_bench_peers_ijepa_loop_trains_the_context_path_and_evaluates_the_target
     assert method.head.predictor_proj.weight.grad.abs().sum() > 0
 
 
+def test_bench_peers_lightly_loop_runs_in_the_sslrun_sides_precision(lightly_loss, bench_peers, tmp_path,
+                                                                     monkeypatch):
+    """The lightly loop takes trainer.precision and trainer.accelerator from the shared config: under
+    bf16-mixed its backbone computes in bf16 (as the sslrun side's does) and the run completes with
+    the summary the table reads; what the loop cannot run like sslrun is refused in one line."""
+    import json
+
+    from sslrun.config import compose
+    from tests.conftest import TINY
+
+    cfg = compose(["method=simclr", *TINY, "data.batch_size=16", "trainer.max_steps=3",
+                   "trainer.precision=bf16-mixed"])
+    assert bench_peers.loop_device(cfg)[0].type == "cpu"
+    seen, loss = [], bench_peers.LightlyMethod.loss
+
+    def recorded(method, views, step):
+        seen.append((torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+                     method.backbone(views[0]).dtype))
+        return loss(method, views, step)
+
+    monkeypatch.setattr(bench_peers.LightlyMethod, "loss", recorded)
+    bench_peers.train_lightly(cfg, tmp_path / "run")
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 3
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 3 and math.isfinite(summary["final_loss"])
+    for refused in ("trainer.precision=16-mixed", "trainer.compile.enabled=true"):
+        with pytest.raises(SystemExit, match=r"the lightly loop runs eager on one device in 32-true or bf16-mixed"):
+            bench_peers.loop_device(compose(["method=simclr", refused]))
+
+
+def test_bench_peers_stops_a_side_past_its_timeout_and_counts_it_failed(bench_peers, tmp_path, capsys):
+    assert not bench_peers.run_side("sslrun", "simclr", 0, 5, tmp_path, timeout=1)
+    assert "simclr seed 0: sslrun failed (exit code none: stopped after 1 s)" in capsys.readouterr().out
+    assert (tmp_path / "simclr" / "sslrun_seed0" / "peers.out").is_file()
+
+
 @pytest.mark.parametrize("method", ["mae", "ijepa"])
 def test_bench_peers_times_both_sides_model_step_on_one_batch(lightly_loss, bench_peers, method):
     """--model-step: both sides' forward and backward on one batch of the recipe's views (I-JEPA's
