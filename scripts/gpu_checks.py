@@ -3,7 +3,7 @@
     python scripts/gpu_checks.py --out DIR              # on a CUDA machine (legs 1-6: about 4 minutes on an H200)
     python scripts/gpu_checks.py --out DIR --cpu-smoke  # tiny shapes on CPU: only checks that it runs
 
-Seven legs, each written to DIR/gpu_checks.json and DIR/gpu_checks.md as soon as it ends (so an
+Eight legs, each written to DIR/gpu_checks.json and DIR/gpu_checks.md as soon as it ends (so an
 interrupted run still leaves what it measured):
 
 1. equivalence: the packed multi-crop ViT forward (`sslrun.models.vit.packed_forward`) against
@@ -54,11 +54,17 @@ interrupted run still leaves what it measured):
    `python -m sslrun` against `scripts/bench_peers.py`'s lightly loop (the issue's "lightly-style
    per-image pipeline at equal batch"; goal 1.2x), then sslrun with `data.decode=device`, on a
    generated folder of JPEGs, images/s from each run's summary.json.
+8. suite (the issue "Standard evaluation protocols", not in the default): `python -m sslrun.benchmark
+   suite=gpu methods=[simclr,dino] seeds=1`, stopped when the budget is spent. It needs
+   Fashion-MNIST where conf/data/fashion_mnist.yaml looks; a device without it takes this
+   machine's copy: copy /usr/share/datasets/fashion-mnist (30 MB) into a folder the device tool
+   carries, and begin the command with `mkdir -p /usr/share/datasets && ln -s $PWD/FOLDER
+   /usr/share/datasets/fashion-mnist`. Back: the suite's table, its log and its records (one tar).
 
 Legs run in the order `--only` names them (default 1,2,3,6,7,4,5).
 
-Nothing here needs data or a download. `--only 1,3` runs some legs; `--budget` (seconds) skips the
-optional parts once it is spent.
+Nothing here needs a download; only leg 8 needs a data set. `--only 1,3` runs some legs; `--budget`
+(seconds) skips the optional parts once it is spent.
 """
 
 import argparse
@@ -141,6 +147,11 @@ def environment(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    cuda=torch.version.cuda, multiprocessors=props.multi_processor_count)
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=30).stdout.strip() or None
+        except (OSError, subprocess.TimeoutExpired) as error:
+            env["driver"] = f"unknown: {last_line(error)}"
     try:
         import xformers
 
@@ -812,6 +823,57 @@ def leg_speed(device, smoke: bool, budget, out: Path, work: Path) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------- leg 8
+SUITE_METHODS = "[simclr,dino]"  # the issue "Standard evaluation protocols": the gpu suite for these two
+
+
+def leg_suite(device, smoke: bool, budget, out: Path, work: Path) -> dict:
+    """`python -m sslrun.benchmark suite=gpu methods=[simclr,dino] seeds=1`: training at the gpu
+    suite's budget, then the offline kNN and linear protocols, on this GPU, on the quick recipes'
+    data (Fashion-MNIST, which must be where conf/data/fashion_mnist.yaml looks: a device without it
+    takes this machine's copy, carried and linked there). Stopped (SIGTERM, which the benchmark
+    passes on to its training process) when the budget is spent. Back: the suite's table
+    (results_gpu.md), its log and the runs' records (summary.json, benchmark.json, eval/*.json) in
+    one tar, which `python -m sslrun.benchmark suite=gpu methods=[simclr,dino] seeds=1
+    records=docs/results/gpu mode=table` turns into docs/results.md's gpu section. The smoke:
+    two steps per method on mnist5k, on CPU."""
+    import tarfile
+
+    from sslrun.config import compose
+
+    data = Path(compose(["data=mnist5k" if smoke else "data=fashion_mnist"]).data.root or "")
+    if not smoke and not (data / "train-images-idx3-ubyte.gz").is_file():
+        return {"skipped": f"no Fashion-MNIST at {data}: carry /usr/share/datasets/fashion-mnist and link it there"}
+    root, records = work / "suite", work / "records"
+    for folder in (root, records):
+        shutil.rmtree(folder, ignore_errors=True)
+    command = [sys.executable, "-m", "sslrun.benchmark", "suite=gpu", f"methods={SUITE_METHODS}", "seeds=1",
+               f"root={root}", f"records={records}", f"out={out / 'results_gpu.md'}"]
+    if smoke:
+        command += ["suite.train=['trainer.progress_bar=false','trainer.accelerator=cpu','trainer.max_steps=2',"
+                    "'data=mnist5k','data.num_workers=0','eval.every_n_epochs=0']", "suite.methods.dino=[]"]
+    result = {"command": "python -m sslrun.benchmark " + " ".join(a for a in command[3:] if not a.startswith(
+        ("root=", "records=", "out=")))}
+    say(f"suite: {result['command']}")
+    start = time.time()
+    with open(out / "gpu_suite.log", "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            result["returncode"] = process.wait(timeout=max(60, budget.left()))
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            result["returncode"] = f"stopped at the budget ({process.wait(timeout=60)})"
+    result["wall_s"] = time.time() - start
+    with tarfile.open(out / "gpu_suite_records.tar", "w") as tar:
+        tar.add(records, arcname="gpu")
+    table = out / "results_gpu.md"
+    result["table"] = table.read_text().strip() if table.is_file() else None
+    result["records"] = sorted(str(p.relative_to(records)) for p in records.rglob("*.json"))
+    say(f"suite: rc {result['returncode']}, {result['wall_s']:.0f}s, records: {result['records']}")
+    return result
+
+
 # ---------------------------------------------------------------------------------------- report
 def _fmt(value, digits=3):
     if value is None:
@@ -829,7 +891,8 @@ def _fmt(value, digits=3):
 def markdown(results: dict) -> str:
     env = results.get("environment", {})
     lines = [f"# GPU checks ({results.get('date', '')})", "",
-             f"- Device: {env.get('gpu', env.get('device'))}; torch {env.get('torch')}; CUDA {env.get('cuda')}; "
+             f"- Device: {env.get('gpu', env.get('device'))}; driver {env.get('driver')}; torch {env.get('torch')}; "
+             f"CUDA {env.get('cuda')}; "
              f"Python {env.get('python')}; timm {env.get('timm')}; lightning {env.get('lightning')}; "
              f"xformers {env.get('xformers')}",
              f"- Command: `{results.get('command')}`",
@@ -987,6 +1050,12 @@ def markdown(results: dict) -> str:
                           f"`{peers['overrides']}`", ""]
         elif peers:
             lines += [f"- against lightly: {peers.get('skipped') or peers.get('error')}", ""]
+    su = results.get("suite")
+    if su:
+        lines += ["## 8. The gpu suite (sslrun.benchmark)", "", f"- `{su.get('command', '')}`: "
+                  f"{su.get('skipped') or 'rc ' + str(su.get('returncode'))}, {_fmt(su.get('wall_s'), 0)} s", ""]
+        if su.get("table"):
+            lines += [su["table"], ""]
     if results.get("errors"):
         lines += ["## Errors", ""] + [f"- {e}" for e in results["errors"]] + [""]
     lines.append(f"Total time: {results.get('total_s', 0):.0f} s")
@@ -1044,7 +1113,8 @@ def main() -> None:
             (4, "fsdp", lambda: leg_fsdp(device, smoke, budget, out, work)),
             (5, "flex_drop_path", lambda: leg_flex_drop_path(device, smoke, budget, args.flex_batch, 6)),
             (6, "block_mask", lambda: leg_block_mask(device, smoke, budget, args.ckpt_batch)),
-            (7, "speed", lambda: leg_speed(device, smoke, budget, out, work))]
+            (7, "speed", lambda: leg_speed(device, smoke, budget, out, work)),
+            (8, "suite", lambda: leg_suite(device, smoke, budget, out, work))]
     plan = sorted((p for p in plan if p[0] in legs), key=lambda p: legs.index(p[0]))
     for number, name, leg in plan:
         say(f"leg {number}: {name}")
