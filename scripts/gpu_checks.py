@@ -63,6 +63,17 @@ interrupted run still leaves what it measured):
 
 Legs run in the order `--only` names them (default 1,2,3,6,7,4,5).
 
+On the lent GPU machine (its own torch, no network): of what sslrun imports, only hydra-core,
+omegaconf and antlr4 are missing there (checked 2026-12-07 against its package list; wandb and
+submitit are imported only when used), and lightly for the lightly rows. All four are pure Python
+and import without pydantic or wandb, so this checkout's copies travel as they are: carry
+`.venv/lib/python3.11/site-packages/{hydra,omegaconf,antlr4,lightly}` (7 MB) and put that folder on
+PYTHONPATH. For leg 8 copy /usr/share/datasets/fashion-mnist into `.data/` (ignored through
+`.git/info/exclude`), carry `.data` and link it where conf/data/fashion_mnist.yaml looks:
+
+    mkdir -p /usr/share/datasets && ln -sfn $PWD/.data/fashion-mnist /usr/share/datasets/fashion-mnist
+    PYTHONPATH=$PWD/.venv/lib/python3.11/site-packages python3 scripts/gpu_checks.py --out $OUT --only 7,1,4 --budget 450
+
 Nothing here needs a download; only leg 8 needs a data set. `--only 1,3` runs some legs; `--budget`
 (seconds) skips the optional parts once it is spent.
 """
