@@ -1113,7 +1113,12 @@ def main() -> None:
     def save():
         results["total_s"] = time.time() - STARTED
         (out / "gpu_checks.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        (out / "gpu_checks.md").write_text(markdown(results))
+        try:
+            report = markdown(results)
+        except Exception as error:  # noqa: BLE001 - a report bug must not cost the legs still to run
+            traceback.print_exc()
+            report = f"# GPU checks\n\nThe report failed ({last_line(error)}); gpu_checks.json holds every result.\n"
+        (out / "gpu_checks.md").write_text(report)
 
     results["environment"] = environment(device)
     say(f"environment: {results['environment']}")
@@ -1142,7 +1147,7 @@ def main() -> None:
                                   if k in ("stats", "recompiles", "frames")}
     save()
     say("done")
-    print(markdown(results))
+    print((out / "gpu_checks.md").read_text())
 
 
 if __name__ == "__main__":
