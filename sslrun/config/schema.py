@@ -382,6 +382,13 @@ class TrainerConfig(Schema):
                 f"use trainer=ddp or trainer=fsdp for several devices")
         require(t.max_epochs >= 1 or t.max_steps >= 1,
                 "trainer.max_epochs / trainer.max_steps: set one of them to a positive number")
+        for key in ("max_epochs", "max_steps"):
+            require(t[key] >= -1, f"trainer.{key}={t[key]}: must be -1 (no limit) or at least 0")
+        require(t.gradient_clip_val is None or t.gradient_clip_val > 0,
+                f"trainer.gradient_clip_val={t.gradient_clip_val}: must be positive (the largest gradient norm), "
+                f"or null for no clipping")
+        require(t.keep_checkpoints >= -1,
+                f"trainer.keep_checkpoints={t.keep_checkpoints}: must be -1 (all), 0 (last.ckpt only) or more")
         require(t.accumulate_grad_batches >= 1,
                 f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}: must be at least 1")
         require_choice("trainer.nonfinite", t.nonfinite, NONFINITE_POLICIES)
@@ -481,6 +488,7 @@ class RootConfig(Schema):
     def check(cls, cfg: DictConfig) -> None:
         import os
 
+        require(0 <= cfg.seed < 2**32, f"seed={cfg.seed}: must lie in [0, 2^32): numpy's seeds do")
         knn = cfg.eval.knn
         require(knn.k >= 1, f"eval.knn.k={knn.k}: must be at least 1")
         require(knn.temperature > 0, f"eval.knn.temperature={knn.temperature}: must be positive")

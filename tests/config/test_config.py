@@ -135,6 +135,18 @@ def test_logging_every_zero_steps_is_refused():
     assert error_for("trainer.log_every_n_steps=0") == "trainer.log_every_n_steps=0: must be at least 1 (1: every step)"
 
 
+@pytest.mark.parametrize("override, message", [
+    # each one Lightning would reject only once the run had started, or (clipping) silently ignore
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1.0: must be positive (the largest gradient norm), "
+                                     "or null for no clipping"),
+    ("trainer.keep_checkpoints=-2", "trainer.keep_checkpoints=-2: must be -1 (all), 0 (last.ckpt only) or more"),
+    ("trainer.max_epochs=-3", "trainer.max_epochs=-3: must be -1 (no limit) or at least 0"),
+    ("seed=-1", "seed=-1: must lie in [0, 2^32): numpy's seeds do"),
+])
+def test_values_lightning_would_refuse_late_are_refused_early(override, message):
+    assert error_for(override, "trainer.max_steps=10") == message
+
+
 def test_several_devices_need_ddp():
     assert "trainer=ddp or trainer=fsdp" in error_for("trainer.devices=2")
 
