@@ -744,15 +744,7 @@ def _lightly_version() -> str:
         return "not installed"
 
 
-def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--lightly-run":
-        from sslrun.config import compose
-
-        args = sys.argv[2:]
-        cfg = compose([a for a in args if not a.startswith("hydra.run.dir=")])
-        run_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")))
-        train_lightly(cfg, run_dir)
-        return 0
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
@@ -768,6 +760,19 @@ def main() -> int:
                         help="time each method's forward and backward alone on both sides (JSON lines) and exit; "
                              "I-JEPA's sslrun side also on lightly's masks and at equal lengths")
     parser.add_argument("overrides", nargs="*", help="more sslrun overrides for both sides (data=mnist5k ...)")
+    return parser
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--lightly-run":
+        from sslrun.config import compose
+
+        args = sys.argv[2:]
+        cfg = compose([a for a in args if not a.startswith("hydra.run.dir=")])
+        run_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")))
+        train_lightly(cfg, run_dir)
+        return 0
+    parser = arguments()
     options = parser.parse_args()
     from sslrun.benchmark import write_results
     from sslrun.config import compose

@@ -4,7 +4,8 @@ Every `python -m sslrun...` of the README, in its code blocks and its inline cod
 sweeps, `sslrun.evaluate`, `sslrun.benchmark`; and `make train|benchmark ARGS=...`), is split as the
 shell splits it and put through the checks its app makes before anything starts: Hydra's
 composition, the typed schemas, each method's own check, the evaluation's source checks, the
-benchmark's plan; every job of a sweep. (The two checks made inside the running Hydra app,
+benchmark's plan; every job of a sweep; and `scripts/bench_peers.py`'s sslrun overrides, composed for
+each method it names. (The two checks made inside the running Hydra app,
 torchrun's shared run directory and a local sweep of several processes, are tested in
 tests/distributed/test_scale_out.py and tests/config/test_config.py.) Under a console example, the
 `sslrun: error:` line must be what the command prints (`... error:`: what the run logs when it
@@ -27,8 +28,9 @@ import pytest
 
 from tests.conftest import REPO, write_finished_run
 
+PEERS = "scripts/bench_peers.py"  # takes sslrun overrides for both its sides
 PLACEHOLDER = re.compile(r"\bNAME\b|<[a-z ]+>|\||/path/to/")  # method=NAME, multirun/<date>, clip|siglip (and "...")
-APPS = ("sslrun", "sslrun.evaluate", "sslrun.benchmark")  # sslrun.report reads finished runs only
+APPS = ("sslrun", "sslrun.evaluate", "sslrun.benchmark", PEERS)  # sslrun.report reads finished runs only
 MAKE_TARGETS = {"train": "sslrun", "benchmark": "sslrun.benchmark"}  # make TARGET ARGS="...": the app's arguments
 
 
@@ -45,6 +47,8 @@ def _split(text: str, line: int, error: Optional[str] = None, logged: bool = Fal
     words = shlex.split(text, comments=True)
     if words[:1] == ["make"] and len(words) == 3 and words[1] in MAKE_TARGETS and words[2].startswith("ARGS="):
         return Command(line, MAKE_TARGETS[words[1]], shlex.split(words[2].removeprefix("ARGS=")))
+    if PEERS in words:
+        return Command(line, PEERS, words[words.index(PEERS) + 1:])
     starts = [i for i in range(len(words) - 1) if words[i] == "-m" and words[i + 1].startswith("sslrun")]
     return Command(line, words[starts[0] + 1], words[starts[0] + 2:], error, logged) if starts else None
 
@@ -63,7 +67,7 @@ def readme_commands() -> List[Command]:
                 text = text[:-1] + " " + lines[index].strip()
             shown = lines[index + 1].strip() if index + 1 < len(lines) else ""  # under a console example
             error = shown.partition("error: ")[2] if text.startswith("$ ") and " error: " in f" {shown}" else None
-            if "-m sslrun" in text or re.match(r"make \S+ ARGS=", text):
+            if "-m sslrun" in text or PEERS in text or re.match(r"make \S+ ARGS=", text):
                 found.append(_split(text.removeprefix("$ "), number, error, logged=shown.startswith("...")))
         else:  # inline code with arguments (a bare `python -m sslrun.evaluate` names the app)
             codes = re.findall(r"`([^`]*-m sslrun\S* [^`]+|make \S+ ARGS=[^`]+)`", text)
@@ -144,6 +148,24 @@ def logged_data_problem(overrides: List[str]) -> Optional[str]:
     return None
 
 
+def check_peers(command: Command) -> Optional[str]:
+    """scripts/bench_peers.py's options, and each method's config as both its sides compose it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_peers", REPO / PEERS)
+    bench_peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_peers)
+    options = bench_peers.arguments().parse_args(command.args)
+    for method in options.methods.split(","):
+        if method not in bench_peers.METHODS:
+            return f"--methods: {method} has no lightly counterpart here"
+        overrides = bench_peers.overrides(method, 0, options.steps, Path("peers"), options.overrides)
+        problem = training_problem([o for o in overrides if not o.startswith("hydra.run.dir=")])
+        if problem:
+            return problem
+    return None
+
+
 def check_evaluation(command: Command) -> Optional[str]:
     from sslrun.evaluate.__main__ import check, parse
 
@@ -189,6 +211,8 @@ def test_a_readme_command_passes_every_check_or_fails_as_the_readme_shows(comman
         problem = check_training(command)
     elif command.app == "sslrun.evaluate":
         problem = check_evaluation(command)
+    elif command.app == PEERS:
+        problem = check_peers(command)
     else:
         problem = check_benchmark(command, capsys)
-    assert problem == command.error, f"README.md:{command.line}: python -m {command.app} {shlex.join(command.args)}"
+    assert problem == command.error, f"README.md:{command.line}: {command.app} {shlex.join(command.args)}"
