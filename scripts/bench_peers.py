@@ -42,7 +42,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -744,6 +744,12 @@ def _lightly_version() -> str:
         return "not installed"
 
 
+def methods_problem(methods) -> Optional[str]:
+    """Why --methods cannot run (a method lightly has no counterpart of here), or None."""
+    bad = [m for m in methods if m not in METHODS]
+    return f"--methods: {bad[0]} has no lightly counterpart here; choose from {', '.join(METHODS)}" if bad else None
+
+
 def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -783,9 +789,9 @@ def main() -> int:
 
     methods, seeds, root = options.methods.split(","), list(range(options.seeds)), Path(options.root)
     records, carried = Path(options.records), existing_rows(Path(options.out))
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        parser.error(f"--methods: {bad[0]} has no lightly counterpart here; choose from {', '.join(METHODS)}")
+    problem = methods_problem(methods)
+    if problem:
+        parser.error(problem)
     if options.model_step:
         for method in methods:
             print(json.dumps(model_step(compose([f"method={method}", *options.overrides]))), flush=True)

@@ -57,6 +57,16 @@ def run_clis_side_by_side(*arg_lists, timeout=600, env=None) -> list:
     return results
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_finished_run(run_dir: Path, cfg, state_dict=None) -> Path:
     """A run directory as training leaves it, for what reads one (distillation's `teacher_run`):
     its config (cfg without its hydra node) and last checkpoint ({"state_dict": state_dict}, or an

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 PEERS = {"lightly", "solo", "stable_pretraining", "vissl", "mmselfsup"}
 
@@ -29,24 +29,14 @@ def lightly_loss():
     return pytest.importorskip("lightly.loss", reason="lightly is installed by `make peers` (make test does)")
 
 
-def _script(name: str):
-    """scripts/<name>.py as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def bench_peers():
-    return _script("bench_peers")
+    return load_script("bench_peers")
 
 
 @pytest.fixture
 def bench_loader():
-    return _script("bench_loader")
+    return load_script("bench_loader")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from typing import List, Optional
 
 import pytest
 
-from tests.conftest import REPO, write_finished_run
+from tests.conftest import REPO, load_script, write_finished_run
 
 PEERS = "scripts/bench_peers.py"  # takes sslrun overrides for both its sides
 PLACEHOLDER = re.compile(r"\bNAME\b|<[a-z ]+>|\||/path/to/")  # method=NAME, multirun/<date>, clip|siglip (and "...")
@@ -150,15 +150,12 @@ def logged_data_problem(overrides: List[str]) -> Optional[str]:
 
 def check_peers(command: Command) -> Optional[str]:
     """scripts/bench_peers.py's options, and each method's config as both its sides compose it."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_peers", REPO / PEERS)
-    bench_peers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_peers)
+    bench_peers = load_script("bench_peers")
     options = bench_peers.arguments().parse_args(command.args)
-    for method in options.methods.split(","):
-        if method not in bench_peers.METHODS:
-            return f"--methods: {method} has no lightly counterpart here"
+    methods = options.methods.split(",")
+    if problem := bench_peers.methods_problem(methods):
+        return problem
+    for method in methods:
         overrides = bench_peers.overrides(method, 0, options.steps, Path("peers"), options.overrides)
         problem = training_problem([o for o in overrides if not o.startswith("hydra.run.dir=")])
         if problem:
