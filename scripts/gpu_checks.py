@@ -56,10 +56,8 @@ interrupted run still leaves what it measured):
    generated folder of JPEGs, images/s from each run's summary.json.
 8. suite (the issue "Standard evaluation protocols", not in the default): `python -m sslrun.benchmark
    suite=gpu methods=[simclr,dino] seeds=1`, stopped when the budget is spent. It needs
-   Fashion-MNIST where conf/data/fashion_mnist.yaml looks; a device without it takes this
-   machine's copy: copy /usr/share/datasets/fashion-mnist (30 MB) into a folder the device tool
-   carries, and begin the command with `mkdir -p /usr/share/datasets && ln -s $PWD/FOLDER
-   /usr/share/datasets/fashion-mnist`. Back: the suite's table, its log and its records (one tar).
+   Fashion-MNIST where conf/data/fashion_mnist.yaml looks (below: how the lent machine gets it).
+   Back: the suite's table, its log and its records (one tar).
 
 Legs run in the order `--only` names them (default 1,2,3,6,7,4,5).
 
@@ -852,9 +850,10 @@ def leg_suite(device, smoke: bool, budget, out: Path, work: Path) -> dict:
 
     from sslrun.config import compose
 
-    data = Path(compose(["data=mnist5k" if smoke else "data=fashion_mnist"]).data.root or "")
-    if not smoke and not (data / "train-images-idx3-ubyte.gz").is_file():
-        return {"skipped": f"no Fashion-MNIST at {data}: carry /usr/share/datasets/fashion-mnist and link it there"}
+    if not smoke:
+        data = Path(compose(["data=fashion_mnist"]).data.root)
+        if not (data / "train-images-idx3-ubyte.gz").is_file():
+            return {"skipped": f"no Fashion-MNIST at {data}: carry /usr/share/datasets/fashion-mnist and link it there"}
     root, records = work / "suite", work / "records"
     for folder in (root, records):
         shutil.rmtree(folder, ignore_errors=True)
@@ -874,8 +873,13 @@ def leg_suite(device, smoke: bool, budget, out: Path, work: Path) -> dict:
             result["returncode"] = process.wait(timeout=max(60, budget.left()))
         except subprocess.TimeoutExpired:
             process.terminate()
-            result["returncode"] = f"stopped at the budget ({process.wait(timeout=60)})"
+            try:
+                result["returncode"] = f"stopped at the budget ({process.wait(timeout=60)})"
+            except subprocess.TimeoutExpired:
+                process.kill()
+                result["returncode"] = f"killed at the budget ({process.wait()})"
     result["wall_s"] = time.time() - start
+    records.mkdir(parents=True, exist_ok=True)  # empty where no run finished
     with tarfile.open(out / "gpu_suite_records.tar", "w") as tar:
         tar.add(records, arcname="gpu")
     table = out / "results_gpu.md"
