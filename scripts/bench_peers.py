@@ -350,15 +350,14 @@ def loop_device(cfg):
 
     import torch
 
-    from sslrun.distributed.compile import on_cuda
+    from sslrun.distributed.compile import on_cuda, require_visible_gpu
 
     t = cfg.trainer
     if t.compile.enabled or t.precision not in ("32-true", "bf16-mixed") or t.devices != 1 or t.num_nodes != 1:
         raise SystemExit(f"trainer.compile.enabled={t.compile.enabled} trainer.precision={t.precision} "
                          f"trainer.devices={t.devices} trainer.num_nodes={t.num_nodes}: the lightly loop runs "
                          f"eager on one device in 32-true or bf16-mixed; set those for both sides")
-    if t.accelerator == "gpu" and not torch.cuda.is_available():
-        raise SystemExit("trainer.accelerator=gpu: no CUDA device is visible here; use trainer.accelerator=cpu")
+    require_visible_gpu(t.accelerator)
     device = torch.device("cuda" if on_cuda(t.accelerator) else "cpu")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16-mixed"
                 else contextlib.nullcontext())

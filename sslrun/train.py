@@ -34,7 +34,7 @@ from sslrun.data.tokenizer import Tokenizer
 from sslrun.distributed import convert_to_global_bn
 from sslrun.distributed.checkpoint import (AtomicCheckpointIO, AtomicShardedStrategy, full_state_dict,
                                            is_complete_sharded_checkpoint, tensor_bytes)
-from sslrun.distributed.compile import compile_method, on_cuda, set_tf32, use_channels_last
+from sslrun.distributed.compile import compile_method, on_cuda, require_visible_gpu, set_tf32, use_channels_last
 from sslrun.distributed.safe_load import check_checkpoint, pickle_parses
 from sslrun.failures import Diverged, RunFailure, write_failed
 from sslrun.launch.requeue import Requeue, check_requeue_signal
@@ -132,9 +132,7 @@ class _Progress:
 def _train(cfg: DictConfig, layout: RunDir, callbacks: List[L.Callback], progress: _Progress, started: float) -> dict:
     _tidy_lightning_output()
     cpu_threads(cfg.trainer.devices)
-    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("trainer.accelerator=gpu: no CUDA device is visible here; use "
-                          "trainer.accelerator=cpu or auto")
+    require_visible_gpu(cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     data = build_data(cfg)

@@ -275,6 +275,12 @@ def test_bench_peers_lightly_loop_runs_in_the_sslrun_sides_precision(lightly_los
     for refused in ("trainer.precision=16-mixed", "trainer.compile.enabled=true"):
         with pytest.raises(SystemExit, match=r"the lightly loop runs eager on one device in 32-true or bf16-mixed"):
             bench_peers.loop_device(compose(["method=simclr", refused]))
+    if not torch.cuda.is_available():  # the same one line as a run of sslrun's (train._train)
+        from sslrun.config import ConfigError
+
+        with pytest.raises(ConfigError, match=r"^trainer.accelerator=gpu: no CUDA device is visible here; use "
+                                              r"trainer.accelerator=cpu or auto$"):
+            bench_peers.loop_device(compose(["method=simclr", "trainer.accelerator=gpu"]))
 
 
 def test_bench_peers_stops_a_side_past_its_timeout_and_counts_it_failed(bench_peers, tmp_path, capsys):

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from sslrun.config.errors import ConfigError
 from sslrun.distributed.fsdp import is_backbone, is_container, shard_units
 from sslrun.models.vit import PACKED_PARTS
 
@@ -93,4 +94,11 @@ def set_tf32(enabled: bool) -> None:
 
 def on_cuda(accelerator: str) -> bool:
     return accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def require_visible_gpu(accelerator: str) -> None:
+    """trainer.accelerator=gpu needs a CUDA device here: said in one line before anything is built."""
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator=gpu: no CUDA device is visible here; use "
+                          "trainer.accelerator=cpu or auto")
 
